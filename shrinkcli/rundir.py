@@ -1,0 +1,264 @@
+"""Run directories: `runs/<stage>/<name>` with a manifest of every input and output artifact.
+
+Each stage creates one `RunDir`, registers the artifacts it reads and writes, and the manifest
+(`manifest.json`) records stage, resolved config, versions, device, git commit, times and each
+artifact's sha256, so a later stage can find its input from the run dir alone and detect tampering.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+from shrinkcli import __version__
+from shrinkcli.atomic import atomic_write_json, sha256_file
+from shrinkcli.errors import BadInputError
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = 1
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"shrink": __version__, "python": platform.python_version()}
+    for dist in ("torch", "onnx", "onnxruntime", "numpy", "safetensors"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def describe_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        return f"cuda x{count} ({torch.cuda.get_device_name(0)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def next_run_path(parent: Path, stem: str) -> Path:
+    """Create and return the first free `parent/stem`, `stem2`, `stem3`, ...
+
+    `mkdir` is the claim: it fails when another process got there first, so concurrent runs
+    under one parent always get distinct directories.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    taken = {p.name for p in parent.iterdir()}
+    pattern = re.compile(rf"^{re.escape(stem)}(\d*)$")
+    numbers = [int(m.group(1) or 1) for n in taken if (m := pattern.match(n))]
+    index = max(numbers, default=0) + 1
+    while True:
+        candidate = parent / (stem if index == 1 else f"{stem}{index}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            index += 1
+
+
+@dataclass
+class Artifact:
+    path: Path
+    kind: str
+    sha256: str
+    run_dir: Path | None = None
+
+    def as_record(self, relative_to: Path | None = None) -> dict[str, str]:
+        path = self.path
+        if relative_to is not None:
+            try:
+                path = self.path.resolve().relative_to(relative_to.resolve())
+            except ValueError:
+                path = self.path.resolve()
+        return {"path": str(path), "kind": self.kind, "sha256": self.sha256}
+
+
+class RunDir:
+    """One stage's run directory and its manifest."""
+
+    def __init__(self, path: Path, stage: str, config: dict[str, Any] | None = None):
+        self.path = Path(path)
+        self.stage = stage
+        self.manifest: dict[str, Any] = {
+            "schema": MANIFEST_SCHEMA,
+            "stage": stage,
+            "name": self.path.name,
+            "status": "running",
+            "config": config or {},
+            "versions": package_versions(),
+            "device": None,
+            "git_commit": git_commit(),
+            "started": _now(),
+            "finished": None,
+            "inputs": [],
+            "outputs": [],
+            "results": {},
+        }
+
+    @classmethod
+    def create(cls, stage: str, *, root: str | os.PathLike = "runs", name: str | None = None,
+               run_dir: str | os.PathLike | None = None, exist_ok: bool = False,
+               config: dict[str, Any] | None = None) -> "RunDir":
+        """Make `root/stage/<name or auto-numbered stage>` (or exactly `run_dir`) and its manifest."""
+        if run_dir is not None:
+            path = Path(run_dir)
+        elif name is not None:
+            path = Path(root) / stage / name
+        else:
+            path = None
+        try:
+            if path is None:
+                path = next_run_path(Path(root) / stage, stage)
+            elif path.exists() and not exist_ok:
+                raise BadInputError(f"run dir {path} already exists",
+                                    hint="pass --exist-ok to reuse it or choose another --name")
+            else:
+                path.mkdir(parents=True, exist_ok=True)
+        except PermissionError as exc:
+            raise BadInputError(f"cannot create run dir under {root}: permission denied",
+                                hint="choose a writable --project/--run-dir") from exc
+        run = cls(path, stage, config)
+        run.save()
+        return run
+
+    def file(self, relative: str) -> Path:
+        target = self.path / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def set_device(self, device: str) -> None:
+        self.manifest["device"] = device
+
+    def add_input(self, path: str | os.PathLike | Artifact, kind: str) -> Artifact:
+        art = path if isinstance(path, Artifact) else Artifact(Path(path), kind, sha256_file(path))
+        art = Artifact(art.path, kind, art.sha256, art.run_dir)
+        record = art.as_record()
+        record["path"] = str(Path(art.path).resolve())
+        if art.run_dir is not None:
+            record["run_dir"] = str(Path(art.run_dir).resolve())
+        self.manifest["inputs"] = [r for r in self.manifest["inputs"] if r["kind"] != kind or r["path"] != record["path"]]
+        self.manifest["inputs"].append(record)
+        self.save()
+        return art
+
+    def add_output(self, path: str | os.PathLike, kind: str) -> Artifact:
+        art = Artifact(Path(path), kind, sha256_file(path), self.path)
+        record = art.as_record(self.path)
+        self.manifest["outputs"] = [r for r in self.manifest["outputs"] if r["path"] != record["path"]]
+        self.manifest["outputs"].append(record)
+        self.save()
+        return art
+
+    def set_results(self, **results: Any) -> None:
+        self.manifest["results"].update(results)
+        self.save()
+
+    def finish(self, status: str = "completed") -> None:
+        self.manifest["status"] = status
+        self.manifest["finished"] = _now()
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path / MANIFEST, self.manifest)
+
+
+def load_manifest(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        raise BadInputError(f"{run_dir} is not a shrink run dir (no {MANIFEST})",
+                            hint="pass a run dir created by a shrink stage or a weights file")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or "outputs" not in manifest:
+        raise BadInputError(f"{path} is not a shrink manifest (no 'outputs')")
+    return manifest
+
+
+def resolve_artifact(source: str | os.PathLike, kinds: str | Iterable[str], *,
+                     verify: bool = True) -> Artifact:
+    """A file as is, or from a run dir the newest output whose kind is in `kinds` (in order of preference).
+
+    With `verify`, the file's sha256 must match the manifest: a changed file is refused.
+    """
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    source = Path(source)
+    if source.is_file():
+        return Artifact(source, kinds[0], sha256_file(source))
+    if not source.exists():
+        raise BadInputError(f"{source} does not exist", hint="check the path")
+    manifest = load_manifest(source)
+    for kind in kinds:
+        matches = [r for r in manifest["outputs"] if r.get("kind") == kind]
+        if not matches:
+            continue
+        record = matches[-1]
+        path = Path(record["path"])
+        path = path if path.is_absolute() else source / path
+        if not path.is_file():
+            raise BadInputError(f"{source}: artifact {record['path']} ({kind}) is missing",
+                                hint="re-run the stage that made it")
+        digest = sha256_file(path)
+        if verify and digest != record["sha256"]:
+            raise BadInputError(f"{path}: sha256 mismatch with {source / MANIFEST}",
+                                hint="the file was changed after the run; re-run the stage or pass the file directly")
+        return Artifact(path, kind, digest, source)
+    available = sorted({r.get("kind", "?") for r in manifest["outputs"]})
+    raise BadInputError(f"{source} has no artifact of kind {' or '.join(kinds)}",
+                        hint=f"it has: {', '.join(available) or 'nothing'}")
+
+
+def newest_run(root: str | os.PathLike, stage: str, *, completed: bool = True) -> Path | None:
+    """The most recently started run of `stage` under `root` (optionally only completed ones)."""
+    parent = Path(root) / stage
+    if not parent.is_dir():
+        return None
+    best: tuple[str, Path] | None = None
+    for child in parent.iterdir():
+        try:
+            manifest = load_manifest(child)
+        except BadInputError:
+            continue
+        if completed and manifest.get("status") != "completed":
+            continue
+        key = (manifest.get("finished") or manifest.get("started") or "", child.stat().st_mtime)
+        if best is None or key > best[0]:
+            best = (key, child)
+    return best[1] if best else None
+
+
+@dataclass
+class RunOptions:
+    """Where a stage writes: `project/<stage>/<name>` or exactly `run_dir`."""
+
+    project: str = "runs"
+    name: str | None = None
+    run_dir: str | None = None
+    exist_ok: bool = False
+
+    def create(self, stage: str, config: dict[str, Any] | None = None) -> RunDir:
+        return RunDir.create(stage, root=self.project, name=self.name, run_dir=self.run_dir,
+                             exist_ok=self.exist_ok, config=config)
