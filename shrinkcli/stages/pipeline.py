@@ -1,0 +1,147 @@
+"""`shrink pipeline RECIPE`: teacher -> distill -> export -> verify in one parent run dir.
+
+Each stage writes `<parent>/<stage>`. A stage is skipped when its manifest says it completed with the
+same config and every input and output file still has the sha256 it recorded (so re-running is
+cheap and a changed teacher re-triggers everything after it). An interrupted training stage with
+the same config is resumed from its `weights/last.pt`. The first failed gate stops the pipeline with
+its exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from shrinkcli import log
+from shrinkcli.atomic import sha256_file
+from shrinkcli.config import load_recipe, stage_config_from_recipe
+from shrinkcli.errors import BadInputError
+from shrinkcli.rundir import MANIFEST, RunDir, RunOptions, load_manifest
+
+STAGES = ("teacher", "distill", "export", "verify")
+BUILTIN_RECIPE = "quickstart.toml"
+
+
+def builtin_recipe_path() -> Path:
+    """The quickstart recipe shipped in the repository's `recipes/` folder."""
+    path = Path(__file__).resolve().parents[2] / "recipes" / BUILTIN_RECIPE
+    if not path.is_file():
+        raise BadInputError(f"built-in recipe {BUILTIN_RECIPE} not found next to the package",
+                            hint="pass a recipe path: shrink pipeline recipes/quickstart.toml")
+    return path
+
+
+def apply_recipe_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`distill.epochs=3` sets one table key; `common.input_size=64` sets a shared key."""
+    recipe = json.loads(json.dumps(recipe))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        table, dot, field = key.strip().partition(".")
+        if not sep or not dot or table not in (*STAGES, "common", "pipeline"):
+            raise BadInputError(f"pipeline override {item!r} must look like STAGE.KEY=VALUE",
+                                hint=f"STAGE is one of {', '.join((*STAGES, 'common'))}")
+        recipe.setdefault(table, {})[field.replace("-", "_")] = _parse_value(value.strip())
+    return recipe
+
+
+def _parse_value(text: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # bare strings need no quotes on the command line
+
+
+def _normalised(config: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(config, default=str))
+
+
+def stage_state(run_dir: Path, config: dict[str, Any]) -> str:
+    """'fresh' (nothing there), 'done' (up to date), 'resumable' or 'stale'."""
+    if not (run_dir / MANIFEST).is_file():
+        return "fresh"
+    try:
+        manifest = load_manifest(run_dir)
+    except BadInputError:
+        return "stale"
+    if _normalised(manifest.get("config", {})) != _normalised(config):
+        return "stale"
+    if manifest.get("status") != "completed":
+        return "resumable" if (run_dir / "weights" / "last.pt").is_file() else "stale"
+    for record in manifest.get("inputs", []) + manifest.get("outputs", []):
+        path = Path(record["path"])
+        path = path if path.is_absolute() else run_dir / path
+        if not path.is_file() or sha256_file(path) != record["sha256"]:
+            return "stale"
+    return "done"
+
+
+def _stage_configs(recipe: dict[str, Any], parent: Path) -> dict[str, Any]:
+    configs = {stage: stage_config_from_recipe(recipe, stage, f"recipe[{stage}]") for stage in STAGES}
+    teacher_dir, distill_dir, export_dir = (str(parent / s) for s in ("teacher", "distill", "export"))
+    configs["distill"] = configs["distill"].replace("pipeline", teacher=teacher_dir)
+    verify = configs["verify"]
+    configs["verify"] = verify.replace("pipeline", model=export_dir, reference=distill_dir,
+                                       teacher=verify.teacher or teacher_dir)
+    return configs
+
+
+def _call(stage: str, config: Any, options: RunOptions, resume: str | None, parent: Path) -> dict[str, Any]:
+    import importlib
+
+    module = importlib.import_module(f"shrinkcli.stages.{stage}")
+    if stage in ("teacher", "distill"):
+        return module.run(config, options, resume=resume)
+    if stage == "export":
+        return module.run(config, options, run=str(parent / "distill"))
+    return module.run(config, options)
+
+
+def run(recipe_path: str | Path | None, overrides: list[str], options: RunOptions, *,
+        force: bool = False) -> dict[str, Any]:
+    recipe_path = Path(recipe_path) if recipe_path else builtin_recipe_path()
+    recipe = apply_recipe_overrides(load_recipe(recipe_path), overrides)
+    name = options.name or recipe.get("pipeline", {}).get("name") or recipe_path.stem
+    parent = Path(options.run_dir) if options.run_dir else Path(options.project) / "pipeline" / name
+    configs = _stage_configs(recipe, parent)
+    parent_run = RunDir.create("pipeline", run_dir=parent, exist_ok=True,
+                               config={"recipe": str(recipe_path), "overrides": overrides,
+                                       "stages": {s: c.to_dict() for s, c in configs.items()}})
+    parent_run.add_input(recipe_path, "recipe")
+    rows, results = [], {}
+    try:
+        for stage in STAGES:
+            run_dir = parent / stage
+            config = configs[stage]
+            state = "stale" if force and (run_dir / MANIFEST).exists() else stage_state(run_dir, config.to_dict())
+            started = time.perf_counter()
+            if state == "done":
+                log.info(f"[{stage}] up to date, skipped ({run_dir})")
+                results[stage] = load_manifest(run_dir).get("results", {})
+                rows.append({"stage": stage, "action": "skipped (up to date)", "seconds": 0.0, "run_dir": str(run_dir)})
+                continue
+            if state == "stale":
+                shutil.rmtree(run_dir)  # outputs of an older config or input: replaced, not mixed
+            resume = str(run_dir) if state == "resumable" else None
+            log.info(f"[{stage}] {'resuming' if resume else 'running'} -> {run_dir}")
+            stage_options = RunOptions(project=options.project, run_dir=str(run_dir), exist_ok=True)
+            result = _call(stage, config, stage_options, resume, parent)
+            results[stage] = result.get("summary", {})
+            rows.append({"stage": stage, "action": "resumed" if resume else "ran",
+                         "seconds": round(time.perf_counter() - started, 1), "run_dir": str(run_dir)})
+    except BaseException:
+        parent_run.set_results(stages=rows)
+        parent_run.finish("failed")
+        raise
+    for stage in STAGES:
+        parent_run.add_input(parent / stage / MANIFEST, f"{stage}-manifest")
+    parent_run.set_results(stages=rows, **{f"{s}_summary": results.get(s, {}) for s in STAGES})
+    parent_run.finish()
+    verify_summary = results.get("verify", {})
+    return {"run_dir": str(parent), "tables": {"pipeline": rows},
+            "summary": {"run_dir": str(parent), **{k: v for k, v in verify_summary.items()
+                                                   if not isinstance(v, (dict, list))}}}
