@@ -10,6 +10,7 @@ its exit code.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -113,8 +114,12 @@ def run(recipe_path: str | Path | None, overrides: list[str], options: RunOption
                                        "stages": {s: c.to_dict() for s, c in configs.items()}})
     parent_run.add_input(recipe_path, "recipe")
     rows, results = [], {}
+    # Under torchrun every rank trains; only rank 0 touches files and runs export/verify.
+    rank = int(os.environ.get("RANK", "0"))
     try:
         for stage in STAGES:
+            if rank != 0 and stage in ("export", "verify"):
+                continue
             run_dir = parent / stage
             config = configs[stage]
             state = "stale" if force and (run_dir / MANIFEST).exists() else stage_state(run_dir, config.to_dict())
@@ -124,7 +129,7 @@ def run(recipe_path: str | Path | None, overrides: list[str], options: RunOption
                 results[stage] = load_manifest(run_dir).get("results", {})
                 rows.append({"stage": stage, "action": "skipped (up to date)", "seconds": 0.0, "run_dir": str(run_dir)})
                 continue
-            if state == "stale":
+            if state == "stale" and rank == 0:
                 shutil.rmtree(run_dir)  # outputs of an older config or input: replaced, not mixed
             resume = str(run_dir) if state == "resumable" else None
             log.info(f"[{stage}] {'resuming' if resume else 'running'} -> {run_dir}")
