@@ -10,7 +10,8 @@ r18 [2,2,2,2], r34 [3,4,6,3], r50 [3,4,14,3], r100 [3,13,30,3], r200 [6,26,60,6]
 r90 (our choice; no public layout exists): [3, 8, 30, 3] = 44 blocks -> 2*44 + 2 = 90 layers.
 It is r100 with stage 2 cut from 13 to 8 blocks: stage 3 (14x14, where insightface's deep
 models put their depth) stays at r100's 30 blocks, and the removed blocks sit where they
-cost the most MACs per parameter, so r90 keeps ~98% of r100's parameters but ~11% fewer MACs.
+cost the most MACs per parameter: r90 keeps 98% of r100's parameters (63.7M) with 10% fewer MACs
+(10.9G vs 12.1G at 112x112).
 """
 
 from __future__ import annotations
