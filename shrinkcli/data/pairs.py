@@ -1,0 +1,175 @@
+"""Verification pairs: `PairSet` and `load_pairs(spec)`.
+
+Specs: `X.bin` (insightface pack), `lfw:ROOT` (pairs.txt, all 10 folds), `lfw-half:ROOT`
+(folds 5-9, renumbered 0-4), `pairs:N[:SEED]@DATASPEC` (balanced seeded pairs from a labelled
+dataset), or a `pairs.txt` path with `data_root` (the image root).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from shrinkcli.data.splits import (LFW_HALF_TEST_FOLDS, lfw_image_dir, lfw_image_name, lfw_pairs_file,
+                                   parse_pairs_file)
+from shrinkcli.data.transforms import decode_image
+from shrinkcli.errors import BadInputError
+
+
+@dataclass
+class PairSet:
+    images: "object"            # torch.uint8 [M, 3, H, W], RGB, already cropped and resized
+    left: np.ndarray            # int64 [P] indices into images
+    right: np.ndarray           # int64 [P]
+    issame: np.ndarray          # bool [P]
+    folds: np.ndarray | None = None  # int64 [P] fold of each pair, or None (sequential k-fold)
+    names: list[str] | None = None   # per image, where known
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.issame)
+
+    def __post_init__(self):
+        self.left = np.asarray(self.left, dtype=np.int64)
+        self.right = np.asarray(self.right, dtype=np.int64)
+        self.issame = np.asarray(self.issame, dtype=bool)
+        if self.folds is not None:
+            self.folds = np.asarray(self.folds, dtype=np.int64)
+
+
+def decode_many(loaders: Sequence[Callable[[], np.ndarray]], workers: int | None = None):
+    """Run uint8 image loaders in a thread pool (PIL releases the GIL while decoding) -> torch uint8."""
+    import torch
+
+    if not loaders:
+        raise BadInputError("no images to load for the pairs")
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        arrays = list(pool.map(lambda load: load(), loaders))
+    return torch.from_numpy(np.stack(arrays))
+
+
+def pairs_from_file(pairs_path: str | os.PathLike, image_root: str | os.PathLike, *, folds=None,
+                    input_size: int = 112, crop: int | None = None, source: str = "") -> PairSet:
+    lines = parse_pairs_file(pairs_path)
+    if folds is not None:
+        keep = set(folds)
+        lines = [pair for pair in lines if pair.fold in keep]
+    image_root = Path(image_root)
+    names: list[str] = []
+    position: dict[str, int] = {}
+
+    def slot(name: str, number: int) -> int:
+        key = lfw_image_name(name, number)
+        if key not in position:
+            position[key] = len(names)
+            names.append(key)
+        return position[key]
+
+    left = [slot(p.name1, p.index1) for p in lines]
+    right = [slot(p.name2, p.index2) for p in lines]
+    missing = [name for name in names if not (image_root / name).is_file()]
+    if missing:
+        raise BadInputError(f"{len(missing)} images named in {pairs_path} are missing under {image_root}, "
+                            f"e.g. {missing[0]}", hint="pass the image root that matches the pairs file")
+    loaders = [lambda n=name: decode_image(image_root / n, input_size=input_size, crop=crop) for name in names]
+    fold_ids = np.asarray([p.fold for p in lines])
+    fold_ids = np.unique(fold_ids, return_inverse=True)[1]  # renumber 0..k-1 (lfw-half: 5-9 -> 0-4)
+    return PairSet(decode_many(loaders), left, right, [p.same for p in lines], fold_ids, names, source or str(pairs_path))
+
+
+def build_pairs(labels: np.ndarray, count: int, *, seed: int = 0, nfolds: int = 10):
+    """Balanced seeded pairs from labels: count//2 same-identity and the rest different-identity
+    pairs, shuffled, each assigned to one of `nfolds` equal folds. Returns (left, right, issame, folds)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    by_label: dict[int, np.ndarray] = {int(l): np.flatnonzero(labels == l) for l in np.unique(labels)}
+    multi = [l for l, idx in by_label.items() if len(idx) >= 2]
+    if not multi:
+        raise BadInputError("cannot build same-identity pairs: no identity has two or more images")
+    if len(by_label) < 2:
+        raise BadInputError("cannot build different-identity pairs: only one identity")
+    if count < 2:
+        raise BadInputError(f"pairs count must be >= 2, got {count}")
+    same_count = count // 2
+    pairs: set[tuple[int, int]] = set()
+    left, right, same = [], [], []
+    attempts = 0
+    while len(left) < count and attempts < count * 50:
+        attempts += 1
+        want_same = len(left) < same_count
+        if want_same:
+            members = by_label[multi[rng.integers(len(multi))]]
+            a, b = rng.choice(members, size=2, replace=False)
+        else:
+            a, b = rng.integers(len(labels), size=2)
+            if labels[a] == labels[b]:
+                continue
+        key = (min(a, b), max(a, b))
+        if key in pairs and attempts < count * 10:
+            continue  # prefer distinct pairs; allow repeats only for tiny datasets
+        pairs.add(key)
+        left.append(int(a)); right.append(int(b)); same.append(want_same)
+    order = rng.permutation(len(left))
+    folds = (np.arange(len(left)) * nfolds) // len(left)
+    return (np.asarray(left)[order], np.asarray(right)[order], np.asarray(same)[order], folds)
+
+
+def pairs_from_dataset(dataset, count: int, *, seed: int = 0, source: str = "") -> PairSet:
+    left, right, issame, folds = build_pairs(dataset.labels, count, seed=seed)
+    used, remap = np.unique(np.concatenate([left, right]), return_inverse=True)
+    loaders = [lambda i=int(i): dataset.load_uint8(i) for i in used]
+    names = [dataset.describe(int(i)) for i in used]
+    return PairSet(decode_many(loaders), remap[: len(left)], remap[len(left):], issame, folds, names, source)
+
+
+def _parse_built_pairs(spec: str) -> tuple[int, int, str]:
+    head, sep, data_spec = spec[len("pairs:"):].partition("@")
+    count_text, _, seed_text = head.partition(":")
+    try:
+        count, seed = int(count_text), int(seed_text or 0)
+    except ValueError:
+        count = seed = -1
+    if not sep or count < 2 or seed < 0:
+        raise BadInputError(f"pairs spec {spec!r} is not `pairs:N[:SEED]@DATASPEC`",
+                            hint="e.g. pairs:600@synthetic:20:10:1")
+    return count, seed, data_spec
+
+
+def load_pairs(spec: str, *, data_root: str | os.PathLike | None = None, input_size: int = 112,
+               crop: int | None = None) -> PairSet:
+    spec = str(spec)
+    if spec.startswith("pairs:"):
+        from shrinkcli.data.spec import open_dataset
+
+        count, seed, data_spec = _parse_built_pairs(spec)
+        if not data_spec:
+            if data_root is None:
+                raise BadInputError(f"pairs spec {spec!r} names no dataset", hint="use pairs:N@DATASPEC or pass --data")
+            data_spec = str(data_root)
+        dataset = open_dataset(data_spec, input_size=input_size, crop=crop)
+        return pairs_from_dataset(dataset, count, seed=seed, source=spec)
+    if spec.startswith("lfw:") or spec.startswith("lfw-half:"):
+        kind, _, root = spec.partition(":")
+        folds = LFW_HALF_TEST_FOLDS if kind == "lfw-half" else None
+        return pairs_from_file(lfw_pairs_file(root), lfw_image_dir(root), folds=folds, input_size=input_size,
+                               crop=crop, source=spec)
+    path = Path(spec)
+    if spec.endswith(".bin") or (path.is_file() and path.suffix == ".bin"):
+        from shrinkcli.data.binpack import load_bin
+
+        return load_bin(path, input_size=input_size, crop=crop)
+    if path.is_file() and path.suffix == ".txt":
+        root_text = str(data_root) if data_root is not None else ""
+        root = Path(root_text.removeprefix("folder:")) if root_text else lfw_image_dir(path.parent)
+        return pairs_from_file(path, root, input_size=input_size, crop=crop, source=spec)
+    if path.is_dir() and (path / "pairs.txt").is_file():
+        return pairs_from_file(path / "pairs.txt", lfw_image_dir(path), input_size=input_size, crop=crop, source=spec)
+    raise BadInputError(f"unknown pairs spec {spec!r}",
+                        hint="use X.bin, lfw:ROOT, lfw-half:ROOT, a pairs.txt (with --data), or pairs:N@DATASPEC")
