@@ -1,0 +1,317 @@
+"""The training loop (insightface-style: one loop, every step an optimizer step)."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shrinkcli import log
+from shrinkcli.engine import checkpoint as ckpt
+from shrinkcli.engine import distributed as ddp
+from shrinkcli.engine.metrics import MetricsFiles, ProgressView
+from shrinkcli.engine.optim import LRSchedule, build_optimizer
+from shrinkcli.engine.resume import resume_run
+from shrinkcli.engine.validation import verify_pairs
+from shrinkcli.errors import BadInputError, TrainingDivergedError
+
+__all__ = ["Trainer", "resume_run"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Each worker gets its own deterministic stream derived from the loader's generator.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """None means fp32. auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is slow on most CPUs)."""
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
+
+
+class Trainer:
+    def __init__(self, config, run, task, dataset, val_pairs=None):
+        self.config, self.run, self.task, self.dataset, self.val_pairs = config, run, task, dataset, val_pairs
+        self.dist = ddp.init_distributed(config.device)
+        self.device = ddp.resolve_device(config.device, self.dist)
+        self.is_main = self.dist.is_main
+        self.modules: dict[str, torch.nn.Module] = dict(task.modules())
+        if not self.modules:
+            raise BadInputError("the training task has no modules")
+        frozen = getattr(task, "frozen_modules", None)
+        self.frozen: dict[str, torch.nn.Module] = dict(frozen()) if frozen else {}
+        self.preprocess = {"mean": config.mean, "std": config.std, "crop": config.crop,
+                           "input_size": config.input_size, "channel_order": "RGB"}
+        self.autocast_dtype = amp_dtype(config.amp, self.device)
+        self.epoch = self.position = self.step = self.nan_skips = 0
+        self.best_accuracy: float | None = None
+        self.last_good: Path | None = None
+        self.last_val: dict[str, Any] | None = None
+        self.sampler = ddp.GlobalBatchSampler(len(dataset), config.batch_size, seed=config.seed,
+                                              rank=self.dist.rank, world_size=self.dist.world_size)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        if self.steps_per_epoch == 0:
+            raise BadInputError(f"the training data has {len(dataset)} images, fewer than one global batch "
+                                f"({self.sampler.global_batch})", hint="lower --batch-size or add data")
+        self._prepare_modules()
+        self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(config, self.modules.values())
+        self.schedule = LRSchedule.from_config(self.optimizer, config, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
+
+    @property
+    def weights_dir(self) -> Path | None:
+        return self.run.path / "weights" if self.run is not None and self.is_main else None
+
+    def _prepare_modules(self) -> None:
+        memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
+        for module in self.modules.values():
+            module.to(self.device, memory_format=memory_format).train()
+        for module in self.frozen.values():
+            module.to(self.device, memory_format=memory_format).eval().requires_grad_(False)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ---------------------------------------------------------------- state
+    def _restore(self, state: dict[str, Any]) -> None:
+        saved = ckpt.module_states(state)
+        missing = sorted(set(self.modules) - set(saved))
+        if missing:
+            raise BadInputError(f"checkpoint has no state for module(s) {', '.join(missing)}",
+                                hint="resume with the same stage and architecture that wrote it")
+        for name, module in self.modules.items():
+            try:
+                module.load_state_dict(saved[name])
+            except RuntimeError as exc:
+                raise BadInputError(f"checkpoint does not fit module {name!r}: {str(exc).splitlines()[0]}",
+                                    hint="resume with the same architecture and data that wrote it") from exc
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.position, self.step = int(state["epoch"]), int(state["position"]), int(state["step"])
+        if int(state.get("world_size", 1)) != self.dist.world_size:
+            # Keep the schedule aligned with samples seen, not with the old processes' step count.
+            self.step = self.epoch * self.steps_per_epoch + self.position // self.sampler.global_batch
+            self.schedule.load_state_dict({"step_count": self.step})
+        self.best_accuracy = state.get("best_accuracy")
+        self.nan_skips = int(state.get("nan_skips", 0))
+        ckpt.restore_rng(state["rng"])
+        if self.dist.enabled:
+            seed_everything(self.config.seed + self.dist.rank + 7 * self.step)
+
+    def save(self, best: bool = False) -> Path | None:
+        """Write weights/last.pt (and best.pt); refuse to replace a good checkpoint with non-finite weights."""
+        ddp.average_buffers(self.modules.values())
+        if not ckpt.all_finite(self.modules):
+            raise TrainingDivergedError(f"weights became non-finite at step {self.step}; no checkpoint written",
+                                        hint=f"last good checkpoint: {self.last_good or 'none'}")
+        if self.weights_dir is None:
+            return None
+        state = ckpt.build_state(self)
+        last = ckpt.save_checkpoint(state, self.weights_dir / "last.pt")
+        self.run.add_output(last, "checkpoint")
+        self.last_good = last
+        if best:
+            self.run.add_output(ckpt.save_checkpoint(state, self.weights_dir / "best.pt"), "best_checkpoint")
+        return last
+
+    # ---------------------------------------------------------------- loop
+    def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
+        started = time.perf_counter()
+        resumed_from = None
+        if resume is not None:
+            path = Path(resume)
+            path = path / "weights" / "last.pt" if path.is_dir() else path
+            self._restore(ckpt.load_checkpoint(path))
+            resumed_from = str(path)
+            self.last_good = path if self.is_main else None
+            log.info(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
+        else:
+            seed_everything(self.config.seed + self.dist.rank)
+        ddp.broadcast_modules(list(self.modules.values()))
+        if self.run is not None and self.is_main:
+            self.run.set_device(str(self.device) + (f" x{self.dist.world_size}" if self.dist.enabled else ""))
+            if resumed_from:
+                resumes = self.run.manifest["results"].get("resumes", [])
+                self.run.set_results(resumes=resumes + [{"from": resumed_from, "step": self.step, "epoch": self.epoch}])
+        metrics = MetricsFiles(self.run.path if self.run is not None and self.is_main else None,
+                               resume_step=self.step if resumed_from else None)
+        if hasattr(self.task, "on_start"):
+            self.task.on_start(self)
+        total = self.config.epochs * self.steps_per_epoch
+        if self.config.max_steps:
+            total = min(total, self.config.max_steps)
+        progress = ProgressView(self.is_main, total, self.step, self.config.log_every)
+        try:
+            last_loss = self._loop(metrics, progress, total)
+        finally:
+            progress.close()
+        if self.val_pairs is not None and self.last_val is None:
+            self._validate()
+        summary = self._finish(metrics, last_loss, time.perf_counter() - started)
+        return summary
+
+    def _loader(self) -> torch.utils.data.DataLoader:
+        workers = max(0, self.config.workers)
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, num_workers=workers,
+            pin_memory=self.device.type == "cuda", worker_init_fn=_seed_worker if workers else None,
+            generator=torch.Generator().manual_seed(self.config.seed + self.dist.rank),
+            persistent_workers=False)
+
+    def _loop(self, metrics: MetricsFiles, progress: ProgressView, total: int) -> float | None:
+        config = self.config
+        loader = self._loader()
+        last_loss = None
+        window_start, window_images = time.perf_counter(), 0
+        while self.epoch < config.epochs and self.step < total:
+            self.sampler.set_epoch(self.epoch, self.position)
+            flips = ddp.flip_flags(config.seed, self.epoch, len(self.dataset)) if config.flip else None
+            for module in self.modules.values():
+                module.train()
+            for images, labels, indices in loader:
+                loss_value, logs = self._train_step(images, labels, indices, flips)
+                last_loss = loss_value
+                window_images += len(images) * self.dist.world_size
+                if self.step % max(1, config.log_every) == 0 or self.step == total:
+                    now = time.perf_counter()
+                    record = {"step": self.step, "epoch": self.epoch + self.position / (self.steps_per_epoch * self.sampler.global_batch),
+                              "loss": loss_value, "lr": self.schedule.lr(),
+                              "img_per_s": window_images / max(now - window_start, 1e-9), "nan_skips": self.nan_skips,
+                              **{k: float(v) for k, v in logs.items()}}
+                    window_start, window_images = now, 0
+                    if self.is_main:
+                        metrics.log_step(record)
+                    progress.update(self.step, self.epoch, {k: record[k] for k in ("loss", "lr", "img_per_s")})
+                if config.save_every_steps and self.step % config.save_every_steps == 0:
+                    self.save()
+                if self.step >= total:
+                    break
+            if self.position >= self.steps_per_epoch * self.sampler.global_batch:
+                self._end_epoch(metrics, last_loss)
+            elif self.step >= total:
+                self.save()  # stopped mid-epoch by max_steps: keep an exactly resumable state
+        return last_loss
+
+    def _train_step(self, images, labels, indices, flips) -> tuple[float, dict[str, Any]]:
+        flipped = flips[indices] if flips is not None else torch.zeros(len(indices), dtype=torch.bool)
+        images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(3), images)
+        images = images.to(self.device, non_blocking=True)
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss, logs = self.task.loss(images, labels, indices, flipped.to(self.device))
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        ddp.average_gradients(self.params)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad)
+                     if self.config.clip_grad else torch.zeros((), device=self.device))
+        # One sync per step: the mean loss over ranks and whether any rank saw a non-finite value.
+        finite = torch.isfinite(loss.detach()) & (torch.isfinite(grad_norm) if self.scaler is None else True)
+        stats = torch.stack([loss.detach().float(), (~finite).float()])
+        ddp.all_reduce_mean(stats)
+        loss_value, any_bad = float(stats[0]), bool(stats[1] > 0)
+        if any_bad:
+            self._handle_non_finite(loss_value)
+        elif self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.schedule.step()
+        self.step += 1
+        self.position += self.sampler.global_batch
+        return loss_value, logs
+
+    def _handle_non_finite(self, loss_value: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        where = f"step {self.step + 1} (epoch {self.epoch})"
+        last = f"last good checkpoint: {self.last_good}" if self.last_good else "no checkpoint written yet"
+        if self.config.nan_policy == "stop":
+            self._mark("diverged")
+            raise TrainingDivergedError(f"non-finite loss/gradient ({loss_value}) at {where}",
+                                        hint=f"{last}; lower --lr, use amp=bf16/off, or set nan_policy=skip")
+        self.nan_skips += 1
+        log.warning(f"non-finite loss/gradient at {where}: step skipped ({self.nan_skips}/{self.config.max_nan_skips})")
+        if self.nan_skips > self.config.max_nan_skips:
+            self._mark("diverged")
+            raise TrainingDivergedError(f"{self.nan_skips} non-finite steps (more than max_nan_skips="
+                                        f"{self.config.max_nan_skips}), the last at {where}", hint=last)
+
+    def _mark(self, status: str) -> None:
+        if self.run is not None and self.is_main:
+            self.run.set_results(nan_skips=self.nan_skips, step=self.step, last_good_checkpoint=str(self.last_good))
+            self.run.finish(status)
+
+    def _end_epoch(self, metrics: MetricsFiles, last_loss: float | None) -> None:
+        self.epoch += 1
+        self.position = 0
+        ddp.average_buffers(self.modules.values())
+        row: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "loss": last_loss, "lr": self.schedule.lr(),
+                               "nan_skips": self.nan_skips}
+        improved = False
+        every = max(1, self.config.val_every_epochs)
+        if self.val_pairs is not None and (self.epoch % every == 0 or self.epoch == self.config.epochs):
+            result = self._validate()
+            row["val_accuracy"] = result["accuracy"]
+            improved = self.best_accuracy is None or result["accuracy"] > self.best_accuracy
+            if improved:
+                self.best_accuracy = result["accuracy"]
+        self.save(best=improved)
+        if self.is_main:
+            metrics.log_epoch(row)
+            log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+    def _validate(self) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        if self.is_main:
+            result = verify_pairs(self.task.embedder(), self.val_pairs, mean=self.config.mean, std=self.config.std,
+                                  device=self.device, channels_last=self.config.channels_last,
+                                  autocast_dtype=self.autocast_dtype)
+        result = ddp.broadcast_object(result)
+        self.last_val = result
+        return result
+
+    def _finish(self, metrics: MetricsFiles, last_loss: float | None, wall_s: float) -> dict[str, Any]:
+        steps = [r for r in metrics.read_steps() if "img_per_s" in r]
+        summary = {
+            "epochs": self.epoch, "steps": self.step, "final_loss": last_loss,
+            "val_accuracy": (self.last_val or {}).get("accuracy"), "best_accuracy": self.best_accuracy,
+            "nan_skips": self.nan_skips, "world_size": self.dist.world_size, "device": str(self.device),
+            "img_per_s": float(np.median([r["img_per_s"] for r in steps])) if steps else None,
+            "wall_s": round(wall_s, 2),
+        }
+        if self.run is not None and self.is_main:
+            curves = metrics.plot()
+            for path in (metrics.jsonl, metrics.csv, curves):
+                if path is not None and Path(path).is_file():
+                    self.run.add_output(path, "metrics")
+            if self.last_good is not None:
+                summary["last_checkpoint"] = str(self.last_good)
+            best = self.weights_dir / "best.pt"
+            if best.is_file():
+                summary["best_checkpoint"] = str(best)
+            self.run.set_results(**{k: v for k, v in summary.items()})
+        ddp.barrier()
+        return summary

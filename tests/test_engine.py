@@ -1,0 +1,165 @@
+import json
+import math
+
+import pytest
+import torch
+
+from shrinkcli.engine import Trainer, TrainTask
+from shrinkcli.engine.checkpoint import load_checkpoint
+from shrinkcli.engine.optim import LRSchedule, param_groups
+from shrinkcli.errors import BadInputError, TrainingDivergedError
+from shrinkcli.rundir import RunDir, load_manifest
+from test_engine_toys import ToyBackbone, ToyFaces, ToyTask, toy_config
+
+
+def make_run(tmp_path, name="run"):
+    return RunDir.create("teacher", run_dir=tmp_path / name)
+
+
+def test_param_groups_exclude_bn_bias_prelu_from_decay():
+    model = ToyBackbone()
+    groups = {g["group"]: g for g in param_groups([model], 5e-4)}
+    decayed = {id(p) for p in groups["decay"]["params"]}
+    assert decayed == {id(model.conv.weight), id(model.fc.weight)}
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    assert id(model.act.weight) not in decayed and id(model.bn.weight) not in decayed
+
+
+@pytest.mark.parametrize("kind", ["cosine", "poly", "step", "constant"])
+def test_schedule_warmup_then_decay_and_state_round_trip(kind):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = LRSchedule(opt, kind=kind, total_steps=100, warmup_steps=10, base_lr=0.1, min_lr=0.001,
+                       milestones_steps=[50], gamma=0.1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)  # first warm-up step: 1/10 of lr
+    lrs = []
+    for _ in range(99):
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[8] == pytest.approx(0.1)  # step 9 -> end of warm-up
+    expected_end = {"cosine": 0.001, "poly": 0.001, "step": 0.01, "constant": 0.1}[kind]
+    assert lrs[-1] == pytest.approx(expected_end, rel=0.05, abs=2e-4)
+    other = LRSchedule(opt, kind=kind, total_steps=100, warmup_steps=10, base_lr=0.1, min_lr=0.001,
+                       milestones_steps=[50])
+    other.load_state_dict(sched.state_dict())
+    assert opt.param_groups[0]["lr"] == pytest.approx(lrs[-1])
+
+
+def test_fit_writes_checkpoints_metrics_and_learns(tmp_path):
+    run = make_run(tmp_path)
+    task = ToyTask()
+    assert isinstance(task, TrainTask)
+    trainer = Trainer(toy_config(epochs=4), run, task, ToyFaces())
+    first = None
+    result = trainer.fit()
+    steps = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    first = steps[0]["loss"]
+    assert result["steps"] == 4 * (48 // 8) == len(steps)
+    assert result["final_loss"] < first
+    assert {"lr", "img_per_s", "margin", "nan_skips"} <= set(steps[0])
+    assert (run.path / "metrics.csv").read_text().count("\n") == 5  # header + 4 epochs
+    assert (run.path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    state = load_checkpoint(run.path / "weights" / "last.pt")
+    assert state["epoch"] == 4 and state["position"] == 0 and state["step"] == 24
+    assert set(state["modules"]) == {"head"} and state["arch"] == "toy"
+    kinds = {o["kind"] for o in load_manifest(run.path)["outputs"]}
+    assert {"checkpoint", "metrics"} <= kinds
+
+
+def test_engine_flips_batches_itself_about_half_the_time(tmp_path):
+    task = ToyTask()
+    Trainer(toy_config(epochs=2), None, task, ToyFaces()).fit()
+    flags = torch.cat(task.seen_flips)
+    assert 0.3 < flags.float().mean() < 0.7
+    task2 = ToyTask()
+    Trainer(toy_config(epochs=1, flip=False), None, task2, ToyFaces()).fit()
+    assert not torch.cat(task2.seen_flips).any()
+
+
+def _weights(task):
+    return {f"{n}.{k}": v.clone() for n, m in task.modules().items() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_interrupted_and_resumed_run_matches_uninterrupted_bitwise(tmp_path, sample_rate):
+    torch.manual_seed(0)
+    full_task = ToyTask(sample_rate=sample_rate)
+    init = _weights(full_task)
+    Trainer(toy_config(epochs=3), make_run(tmp_path, "full"), full_task, ToyFaces()).fit()
+
+    def fresh():
+        task = ToyTask(sample_rate=sample_rate)
+        for name, module in task.modules().items():
+            module.load_state_dict({k[len(name) + 1:]: v for k, v in init.items() if k.startswith(name + ".")})
+        return task
+
+    run = make_run(tmp_path, "split")
+    Trainer(toy_config(epochs=3, max_steps=8), run, fresh(), ToyFaces()).fit()  # stops mid-epoch 1
+    state = load_checkpoint(run.path / "weights" / "last.pt")
+    assert (state["epoch"], state["position"], state["step"]) == (1, 16, 8)
+    torch.manual_seed(1234)  # the resume must not depend on the caller's RNG
+    resumed_task = fresh()
+    result = Trainer(toy_config(epochs=3), run, resumed_task, ToyFaces()).fit(resume=run.path)
+    assert result["steps"] == 18
+    expected, got = _weights(full_task), _weights(resumed_task)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    lines = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 19))
+
+
+def test_nan_stop_names_step_and_last_checkpoint(tmp_path):
+    run = make_run(tmp_path)
+    task = ToyTask(nan_at_steps={8})
+    with pytest.raises(TrainingDivergedError) as info:
+        Trainer(toy_config(epochs=3), run, task, ToyFaces()).fit()
+    message = str(info.value)
+    assert "step 8" in message and str(run.path / "weights" / "last.pt") in message
+    assert load_manifest(run.path)["status"] == "diverged"
+    state = load_checkpoint(run.path / "weights" / "last.pt")
+    assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_nan_skip_counts_and_gives_up_after_max(tmp_path):
+    run = make_run(tmp_path)
+    result = Trainer(toy_config(epochs=1, nan_policy="skip"), run, ToyTask(nan_at_steps={2, 4}), ToyFaces()).fit()
+    assert result["nan_skips"] == 2 and math.isfinite(result["final_loss"])
+    assert load_manifest(run.path)["results"]["nan_skips"] == 2
+    with pytest.raises(TrainingDivergedError, match="max_nan_skips=1"):
+        Trainer(toy_config(epochs=1, nan_policy="skip", max_nan_skips=1), None,
+                ToyTask(nan_at_steps={1, 2}), ToyFaces()).fit()
+
+
+def test_non_finite_weights_never_replace_a_good_checkpoint(tmp_path):
+    run = make_run(tmp_path)
+    task = ToyTask()
+    trainer = Trainer(toy_config(epochs=1), run, task, ToyFaces())
+    trainer.fit()
+    good = (run.path / "weights" / "last.pt").read_bytes()
+    with torch.no_grad():
+        task.backbone.fc.weight.fill_(float("inf"))
+    with pytest.raises(TrainingDivergedError, match="non-finite"):
+        trainer.save()
+    assert (run.path / "weights" / "last.pt").read_bytes() == good
+
+
+def test_validation_logs_accuracy_and_best_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    data = ToyFaces(count=48)
+    images = ((data.images.clamp(-1, 1) * 127.5) + 127.5).round().to(torch.uint8)
+    left = np.arange(0, 40)
+    right = left + np.where(left % 2 == 0, 4, 1)  # even: same identity, odd: different
+    pairs = SimpleNamespace(images=images, left=left, right=right, issame=(data.labels[left] == data.labels[right]),
+                            folds=None, names=None)
+    run = make_run(tmp_path)
+    result = Trainer(toy_config(epochs=2), run, ToyTask(), data, val_pairs=pairs).fit()
+    assert 0.0 <= result["val_accuracy"] <= 1.0 and result["best_accuracy"] is not None
+    assert (run.path / "weights" / "best.pt").is_file()
+    assert "val_accuracy" in (run.path / "metrics.csv").read_text()
+
+
+def test_too_little_data_is_a_clear_error():
+    with pytest.raises(BadInputError, match="fewer than one global batch"):
+        Trainer(toy_config(batch_size=64), None, ToyTask(), ToyFaces(count=10))
