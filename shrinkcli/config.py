@@ -250,6 +250,9 @@ class VerifyConfig(Config):
     parity_images: int = 64
     batch_size: int = 64
     distractors: Optional[str] = None
+    identification: bool = True         # rank-1 on --data when it is a labelled set
+    latency_seconds: float = 1.0        # time budget per latency measurement (0: skip)
+    flip: bool = True                   # add the horizontally flipped image's embedding
 
 
 STAGE_CONFIGS: dict[str, type[Config]] = {
