@@ -62,8 +62,10 @@ class FaceDataset:
             if not self.skip_corrupt:
                 raise
             image = self._substitute(index, exc)
-        tensor = (torch.from_numpy(image).to(torch.float32) - self.mean) / self.std
-        return tensor, int(self.labels[index]), index
+        # numpy, not torch, for this per-image arithmetic: torch's intra-op thread pool costs more
+        # than the work on a tiny tensor (measured 25 vs 560 images/s on a busy 2-core machine)
+        scaled = (image.astype(np.float32) - np.float32(self.mean)) / np.float32(self.std)
+        return torch.from_numpy(scaled), int(self.labels[index]), index
 
     def _substitute(self, index: int, exc: BadInputError) -> np.ndarray:
         """A corrupt image found mid-training: use the next readable image of the same identity
