@@ -1,0 +1,193 @@
+"""Teacher-output cache (`--cache-teacher`): run the frozen teacher once per image, not once per epoch.
+
+The training engine only ever flips images (no other augmentation) and the teacher is frozen in
+eval mode, so its output for a given (dataset index, flip) never changes. A first pass computes the
+embedding (and, when stage losses need them, the four stage maps) of every image and of its mirror,
+stores them as `.npy` files, and every later step looks them up by (index, flip) instead of running
+the teacher. Embeddings are kept in float32, so a cached run trains exactly like an inline one;
+stage maps are stored in float16 to halve their (large) disk size, which changes them by at most
+about 1e-3 relative.
+
+Layout of a cache directory: `key.json` (written last: its presence marks a complete cache),
+`embeddings.npy` float32 `[flips, N, D]`, `stage1..4.npy` float16 `[flips, N, C, H, W]`, where flip 0
+is the image as stored and flip 1 its horizontal mirror.
+
+Invalidation: the key is the sha256 of the teacher artifact's sha256, the dataset (spec, length,
+label checksum) and the transform (input size, crop, mean, std). Any change gives another key, and
+a directory whose `key.json` holds another key (or lacks an array it should have) is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from shrinkcli import log
+from shrinkcli.atomic import atomic_write_json
+from shrinkcli.errors import BadInputError
+
+CACHE_FORMAT = 1
+KEY_FILE = "key.json"
+
+# (images) -> (stage maps, embedding), both as the teacher would give them inline.
+TeacherFn = Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]]
+
+
+def cache_key(*, teacher_sha256: str, data_spec: str, num_items: int, labels: Any,
+              input_size: int, crop: int | None, mean: float, std: float) -> str:
+    """The invalidation key: changes whenever the teacher, the images or their preprocessing change."""
+    label_bytes = np.ascontiguousarray(np.asarray(labels if labels is not None else [], dtype=np.int64)).tobytes()
+    parts = {
+        "format": CACHE_FORMAT,
+        "teacher_sha256": teacher_sha256,
+        "data": {"spec": str(data_spec), "len": int(num_items),
+                 "labels_sha256": hashlib.sha256(label_bytes).hexdigest()},
+        "transform": {"input_size": int(input_size), "crop": crop, "mean": float(mean), "std": float(std)},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+class TeacherCache:
+    """Cached teacher outputs, looked up by dataset index and flip flag."""
+
+    def __init__(self, directory: Path, embeddings: np.ndarray, stages: list[np.ndarray] | None):
+        self.directory = Path(directory)
+        self.embeddings = torch.from_numpy(np.ascontiguousarray(embeddings))   # small: held in RAM
+        self.stages = stages                                                  # large: memory-mapped
+        self.flips = embeddings.shape[0]
+
+    @property
+    def has_stages(self) -> bool:
+        return self.stages is not None
+
+    def lookup(self, indices: torch.Tensor, flipped: torch.Tensor | None, device: torch.device | str = "cpu",
+               with_stages: bool = True) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
+        """Teacher (stage maps as float32 or None, embedding) for a batch of (index, flip)."""
+        idx = indices.detach().to("cpu", torch.long)
+        flip = torch.zeros_like(idx) if flipped is None else flipped.detach().to("cpu", torch.long)
+        if len(flip) and int(flip.max()) >= self.flips:
+            raise RuntimeError("teacher cache holds no flipped outputs but a flipped batch was requested")
+        embedding = self.embeddings[flip, idx].to(device, non_blocking=True)
+        maps = None
+        if with_stages and self.stages is not None:
+            i_np, f_np = idx.numpy(), flip.numpy()
+            maps = [torch.from_numpy(np.asarray(arr[f_np, i_np])).to(device).float() for arr in self.stages]
+        return maps, embedding
+
+    @classmethod
+    def open(cls, directory: Path, key: str, *, num_items: int, flips: int, with_stages: bool) -> "TeacherCache | None":
+        """The cache in `directory` if it is complete and made for `key`; otherwise None."""
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / KEY_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("key") != key or meta.get("flips", 0) < flips or (with_stages and not meta.get("stages")):
+            return None
+        try:
+            embeddings = np.load(directory / "embeddings.npy")
+            stages = None
+            if with_stages:
+                stages = [np.load(directory / f"stage{k + 1}.npy", mmap_mode="r") for k in range(len(meta["stages"]))]
+        except (OSError, ValueError):
+            return None
+        if embeddings.shape[:2] != (meta["flips"], num_items) or any(s.shape[1] != num_items for s in stages or []):
+            return None
+        return cls(directory, embeddings, stages)
+
+
+def _estimate_bytes(num_items: int, flips: int, embedding_size: int, stage_shapes: Sequence[Sequence[int]] | None) -> int:
+    per_item = embedding_size * 4 + sum(int(np.prod(s)) * 2 for s in stage_shapes or [])
+    return num_items * flips * per_item
+
+
+def _new_array(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
+def build_cache(directory: Path, key: str, dataset: Any, teacher_fn: TeacherFn, *, device: torch.device,
+                flips: int, with_stages: bool, batch_size: int = 64, workers: int = 0,
+                channels_last: bool = False, progress: bool = False) -> TeacherCache:
+    """One pass of the teacher over `dataset` (and its mirror when flips == 2), written to `directory`.
+
+    Arrays are written under temporary names and renamed into place, and `key.json` goes last, so an
+    interrupted pass leaves no cache that `TeacherCache.open` would accept.
+    """
+    from torch.utils.data import DataLoader
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / KEY_FILE).unlink(missing_ok=True)
+    num_items = len(dataset)
+    # A private generator: building the cache must not advance the global RNG, or the cached run
+    # would shuffle and flip differently from the same run without a cache.
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
+    embeddings: np.ndarray | None = None
+    stage_arrays: list[np.ndarray] | None = None
+    temp_paths: dict[str, Path] = {}
+    done = 0
+    for images, _labels, indices in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        rows = indices.numpy()
+        for flip in range(flips):
+            batch = images if flip == 0 else torch.flip(images, dims=[3])
+            maps, emb = teacher_fn(batch)
+            if embeddings is None:
+                stage_shapes = [tuple(m.shape[1:]) for m in maps] if with_stages else None
+                _check_disk_space(directory, _estimate_bytes(num_items, flips, emb.shape[1], stage_shapes))
+                temp_paths["embeddings"] = directory / ".embeddings.npy.tmp"
+                embeddings = _new_array(temp_paths["embeddings"], np.float32, (flips, num_items, emb.shape[1]))
+                if with_stages:
+                    stage_arrays = []
+                    for k, shape in enumerate(stage_shapes):
+                        temp_paths[f"stage{k + 1}"] = directory / f".stage{k + 1}.npy.tmp"
+                        stage_arrays.append(_new_array(temp_paths[f"stage{k + 1}"], np.float16, (flips, num_items, *shape)))
+            embeddings[flip, rows] = emb.float().cpu().numpy()
+            for arr, m in zip(stage_arrays or [], maps):
+                arr[flip, rows] = m.half().cpu().numpy()
+        done += len(rows)
+        if progress:
+            log.info(f"teacher cache: {done}/{num_items} images")
+    if embeddings is None:
+        raise BadInputError("cannot cache teacher outputs of an empty dataset", hint="check --data")
+    for arr in [embeddings, *(stage_arrays or [])]:
+        arr.flush()
+    del embeddings, stage_arrays
+    for name, tmp in temp_paths.items():
+        os.replace(tmp, directory / f"{name}.npy")
+    stage_names = [n for n in temp_paths if n.startswith("stage")]
+    atomic_write_json(directory / KEY_FILE, {"key": key, "format": CACHE_FORMAT, "flips": flips,
+                                             "num_items": num_items, "stages": stage_names})
+    cache = TeacherCache.open(directory, key, num_items=num_items, flips=flips, with_stages=with_stages)
+    assert cache is not None, "a freshly written teacher cache must open"
+    return cache
+
+
+def _check_disk_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if needed > free * 0.9:
+        raise BadInputError(f"the teacher cache needs {needed / 2**30:.1f} GiB in {directory}, only {free / 2**30:.1f} GiB free",
+                            hint="free disk space, set cache_dir to a larger disk, or drop stage losses from the cache "
+                                 "(--no-cache-teacher runs the teacher every step instead)")
+    log.info(f"teacher cache: {needed / 2**20:.0f} MiB in {directory}")
+
+
+def open_or_build(directory: Path, key: str, dataset: Any, teacher_fn: TeacherFn, **kwargs: Any) -> TeacherCache:
+    """Reuse the cache in `directory` when its key matches, else compute it (one teacher pass)."""
+    cache = TeacherCache.open(directory, key, num_items=len(dataset), flips=kwargs["flips"],
+                              with_stages=kwargs["with_stages"])
+    if cache is not None:
+        log.info(f"teacher cache: reusing {directory}")
+        return cache
+    log.info(f"teacher cache: computing teacher outputs for {len(dataset)} images x {kwargs['flips']} flip(s)")
+    return build_cache(directory, key, dataset, teacher_fn, **kwargs)

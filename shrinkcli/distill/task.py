@@ -1,0 +1,138 @@
+"""DistillTask: the training engine's task for ShrinkTeaNet distillation.
+
+Trainable: the student backbone, the stage/embedding adapters and (with labels) a margin head.
+The teacher is frozen: eval mode (BN running statistics, no dropout), `requires_grad=False` on
+every parameter, evaluated under `torch.no_grad()` (not `inference_mode`: the losses save the
+teacher's tensors for the student's backward pass, which inference tensors forbid), in bf16
+autocast on CUDA and channels_last when the engine uses it.
+
+Objective per step:
+`L = L_margin (with labels) + embed_weight * L(e_s, e_t) + sum_k stage_weights[k] * L(adapt_k(s_k), t_k)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shrinkcli.distill.cache import TeacherCache, open_or_build
+from shrinkcli.losses.distill import DistillCriterion
+
+
+@dataclass
+class CacheRequest:
+    """Where and under which key to cache teacher outputs (see shrinkcli.distill.cache)."""
+
+    directory: Path | None       # None on non-main ranks: rank 0's directory is used
+    key: str
+    dataset: Any
+    flips: int = 2
+    with_stages: bool = False
+    batch_size: int = 64
+    workers: int = 0
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
+class DistillTask:
+    """Implements the engine's TrainTask protocol for student <- teacher distillation."""
+
+    def __init__(self, *, student: nn.Module, teacher: nn.Module, criterion: DistillCriterion,
+                 head: nn.Module | None = None, cache: CacheRequest | None = None):
+        self.student = student
+        self.teacher = freeze(teacher)
+        self.criterion = criterion
+        self.head = head
+        self.cache_request = cache
+        self.cache: TeacherCache | None = None
+        self.device = torch.device("cpu")
+        self.channels_last = False
+        self.teacher_steps = 0          # teacher forward passes made during training (0 when cached)
+
+    def modules(self) -> dict[str, nn.Module]:
+        # The backbone comes first: the engine saves it as the checkpoint's "model".
+        modules: dict[str, nn.Module] = {"student": self.student, "adapters": self.criterion.adapters}
+        if self.head is not None:
+            modules["head"] = self.head
+        return modules
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher}
+
+    def embedder(self) -> nn.Module:
+        return self.student
+
+    def on_start(self, trainer: Any) -> None:
+        """Put the frozen teacher beside the student and fill the cache (one pass) if asked to."""
+        self.device = torch.device(getattr(trainer, "device", "cpu"))
+        self.channels_last = bool(getattr(getattr(trainer, "config", None), "channels_last", False))
+        self.teacher.to(self.device)
+        if self.channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
+        freeze(self.teacher)
+        if self.cache_request is not None and self.cache is None:
+            # The pass must leave every RNG as it found it, or a cached run would diverge from an inline one.
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                self.cache = self._open_cache(trainer)
+
+    def _open_cache(self, trainer: Any) -> TeacherCache:
+        """Rank 0 builds (or reuses) the cache; under torchrun the other ranks then open the same one."""
+        from shrinkcli.engine import distributed as ddp
+
+        request = self.cache_request
+        is_main = bool(getattr(trainer, "is_main", True))
+        directory = ddp.broadcast_object(str(request.directory) if is_main else None)
+        cache = None
+        if is_main:
+            cache = open_or_build(Path(directory), request.key, request.dataset, self.teacher_outputs,
+                                  device=self.device, flips=request.flips, with_stages=request.with_stages,
+                                  batch_size=request.batch_size, workers=request.workers,
+                                  channels_last=self.channels_last)
+        ddp.barrier()
+        if cache is None:
+            cache = TeacherCache.open(Path(directory), request.key, num_items=len(request.dataset),
+                                      flips=request.flips, with_stages=request.with_stages)
+            if cache is None:
+                raise RuntimeError(f"teacher cache {directory} written by rank 0 is not readable here")
+        return cache
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def teacher_outputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The frozen teacher's (stage maps, embedding) in float32, without autograd history."""
+        if self.teacher.training:       # something called .train() on every module: undo it
+            self.teacher.eval()
+        with torch.no_grad(), self._autocast():
+            out = self.teacher.forward_features(images)
+        return [s.float() for s in out.stages], out.embedding.float()
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+             flipped: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        needs_stages = self.criterion.needs_teacher_stages
+        if self.cache is not None and (self.cache.has_stages or not needs_stages):
+            t_stages, t_emb = self.cache.lookup(indices, flipped, device=images.device, with_stages=needs_stages)
+        else:
+            t_stages, t_emb = self.teacher_outputs(images)
+            self.teacher_steps += 1
+        out = self.student.forward_features(images)
+        total, terms = self.criterion(out.stages, out.embedding, t_stages, t_emb)
+        logs: dict[str, Any] = {"distill": total.detach()}
+        if self.head is not None:
+            margin = self.head(out.embedding, labels)
+            total = total + margin
+            logs["margin"] = margin.detach()
+        logs.update(terms)
+        return total, logs

@@ -1,0 +1,178 @@
+"""`shrink distill`: train a student from a frozen teacher (ShrinkTeaNet multi-stage angular distillation).
+
+Inputs: a teacher (a teacher run dir, a checkpoint or an insightface backbone.pth), training images
+(labels optional with --no-labels), optionally validation pairs. Outputs in the run dir:
+weights/last.pt + best.pt (full training state, from the engine), model.safetensors (the student
+backbone alone, with preprocessing metadata and the teacher's sha256), metrics, and with --val a
+final teacher-vs-student verification table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shrinkcli import log
+from shrinkcli.config import DistillConfig, TrainConfig
+from shrinkcli.errors import BadInputError
+from shrinkcli.rundir import Artifact, RunDir, RunOptions, resolve_artifact
+
+TEACHER_KINDS = ["weights", "checkpoint"]
+PREPROCESS_KEYS = ("input_size", "crop", "mean", "std")
+
+
+def resolve_preprocess(config: DistillConfig, teacher_preprocess: dict[str, Any],
+                       teacher_input_size: int) -> DistillConfig:
+    """The student sees what the teacher was trained on: each of input_size/crop/mean/std comes from
+    the teacher's metadata unless the config sets it to something other than its default."""
+    defaults = TrainConfig()
+    changes = {}
+    for key in PREPROCESS_KEYS:
+        mine = getattr(config, key)
+        theirs = teacher_input_size if key == "input_size" else teacher_preprocess.get(key, getattr(defaults, key))
+        if mine == getattr(defaults, key) and mine != theirs:
+            changes[key] = theirs
+    if config.input_size != getattr(defaults, "input_size") and config.input_size != teacher_input_size:
+        raise BadInputError(f"input_size={config.input_size} differs from the teacher's {teacher_input_size}",
+                            hint="teacher and student see the same images; drop --input-size or use a teacher "
+                                 f"trained at {config.input_size}")
+    if changes:
+        log.info("preprocessing from the teacher: " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+    return config.replace("teacher preprocessing", **changes) if changes else config
+
+
+def load_teacher(spec: str | None):
+    """(artifact, frozen-ready model, meta) from a run dir, a checkpoint or a backbone.pth."""
+    from shrinkcli.models.io import load_model
+
+    if not spec:
+        raise BadInputError("no teacher given", hint="pass --teacher RUN_DIR|CHECKPOINT|backbone.pth")
+    artifact = resolve_artifact(spec, TEACHER_KINDS)
+    model, meta = load_model(artifact.path)
+    if getattr(model, "stage_channels", None) is None:
+        raise BadInputError(f"teacher {artifact.path} ({meta['arch']}) exposes no stage outputs",
+                            hint="use a shrink-registered architecture as teacher")
+    return artifact, model, meta
+
+
+def _open_training_data(config: DistillConfig):
+    from shrinkcli.data import open_dataset
+
+    if not config.data:
+        raise BadInputError("no training data given", hint="pass --data, e.g. --data synthetic or --data folder:PATH")
+    return open_dataset(config.data, input_size=config.input_size, crop=config.crop, mean=config.mean,
+                        std=config.std, skip_corrupt=config.skip_corrupt)
+
+
+def _open_val_pairs(config: DistillConfig):
+    if not config.val:
+        return None
+    from shrinkcli.data import load_pairs
+
+    return load_pairs(config.val, input_size=config.input_size, crop=config.crop)
+
+
+def build_task(config: DistillConfig, teacher, teacher_sha256: str, dataset, cache_dir: Path | None):
+    """Student, adapters, margin head and cache request assembled into a DistillTask."""
+    from shrinkcli.distill import CacheRequest, DistillTask, cache_key
+    from shrinkcli.losses.distill import DistillCriterion
+    from shrinkcli.models import create_model
+
+    student = create_model(config.student, embedding_size=config.embedding_size, input_size=config.input_size,
+                           width=config.width)
+    criterion = DistillCriterion(student_channels=list(student.stage_channels),
+                                 teacher_channels=list(teacher.stage_channels),
+                                 student_embedding=student.embedding_size, teacher_embedding=teacher.embedding_size,
+                                 embed_loss=config.embed_loss, stage_loss=config.stage_loss,
+                                 embed_weight=config.embed_weight, stage_weights=config.stage_weights)
+    if student.embedding_size != teacher.embedding_size and criterion.embed_active:
+        log.info(f"embedding sizes differ (student {student.embedding_size}, teacher {teacher.embedding_size}): "
+                 "a linear adapter maps the student's embedding for the loss (not exported)")
+    head = None
+    if config.labels:
+        from shrinkcli.losses.margin import MarginHead
+
+        head = MarginHead(student.embedding_size, dataset.num_classes, kind=config.head, margin=config.margin,
+                          scale=config.scale, sample_rate=config.sample_rate)
+    request = None
+    if config.cache_teacher:
+        key = cache_key(teacher_sha256=teacher_sha256, data_spec=config.data, num_items=len(dataset),
+                        labels=getattr(dataset, "labels", None), input_size=config.input_size, crop=config.crop,
+                        mean=config.mean, std=config.std)
+        directory = Path(config.cache_dir) / key[:16] if config.cache_dir else cache_dir
+        request = CacheRequest(directory=directory, key=key, dataset=dataset, flips=2 if config.flip else 1,
+                               with_stages=criterion.needs_teacher_stages or config.cache_stages,
+                               batch_size=config.batch_size, workers=max(0, config.workers))
+    return DistillTask(student=student, teacher=teacher, criterion=criterion, head=head, cache=request)
+
+
+def _record_data(run_dir: RunDir, config: DistillConfig, dataset) -> None:
+    path = Path(str(config.data).partition(":")[2] or str(config.data))
+    if path.is_file():
+        run_dir.add_input(path, "data")
+        return
+    # A spec such as synthetic:64 or a folder has no single file to hash: record what was read.
+    run_dir.manifest["inputs"] = [r for r in run_dir.manifest["inputs"] if r.get("kind") != "data"]
+    run_dir.manifest["inputs"].append({"kind": "data", "spec": str(config.data), "images": len(dataset),
+                                       "identities": int(getattr(dataset, "num_classes", 0))})
+    run_dir.save()
+
+
+def run(config: DistillConfig, run: RunOptions, *, resume: str | None = None) -> dict[str, Any]:
+    from shrinkcli.distill.report import teacher_student_table
+    from shrinkcli.engine import Trainer
+    from shrinkcli.models.io import save_model_safetensors
+
+    from shrinkcli.engine.distributed import env_dist_info
+    from shrinkcli.engine.resume import resume_run
+
+    is_main = env_dist_info().is_main
+    checkpoint = None
+    if resume is not None:
+        run_dir, checkpoint, config = resume_run(resume, "distill", config, run, is_main=is_main)
+    teacher_artifact, teacher, meta = load_teacher(config.teacher)
+    config = resolve_preprocess(config, meta.get("preprocess") or {}, int(teacher.input_size))
+    dataset = _open_training_data(config)
+    if config.labels and getattr(dataset, "num_classes", 0) < 2:
+        raise BadInputError(f"{config.data} has {getattr(dataset, 'num_classes', 0)} identity label(s): "
+                            "the margin loss needs at least 2", hint="use --no-labels to learn from the teacher alone")
+    val_pairs = _open_val_pairs(config)
+    if resume is None:
+        run_dir = run.create("distill", config.to_dict()) if is_main else None
+    if run_dir is not None:
+        run_dir.add_input(Artifact(teacher_artifact.path, "teacher", teacher_artifact.sha256,
+                                   teacher_artifact.run_dir), "teacher")
+        _record_data(run_dir, config, dataset)
+    cache_dir = run_dir.path / "teacher_cache" if run_dir is not None else None
+    import torch
+
+    torch.manual_seed(config.seed)      # student, adapters and head start the same for a given seed
+    task = build_task(config, teacher, teacher_artifact.sha256, dataset, cache_dir)
+    trainer = Trainer(config, run_dir, task, dataset, val_pairs)
+    try:
+        summary = trainer.fit(resume=checkpoint)
+    except KeyboardInterrupt:
+        if run_dir is not None:
+            run_dir.finish("interrupted")
+        raise
+    if run_dir is None:
+        return {"summary": summary}
+    preprocess = dict(trainer.preprocess)
+    weights = save_model_safetensors(task.student, run_dir.file("model.safetensors"), preprocess,
+                                     extra={"teacher_sha256": teacher_artifact.sha256,
+                                            "teacher_arch": meta["arch"]})
+    run_dir.add_output(weights, "weights")
+    result: dict[str, Any] = {"summary": {**summary, "run_dir": str(run_dir.path), "weights": str(weights),
+                                          "teacher": str(teacher_artifact.path),
+                                          "teacher_forward_steps": task.teacher_steps,
+                                          "cached_teacher": task.cache is not None}}
+    if val_pairs is not None:
+        rows = teacher_student_table(teacher, task.student, val_pairs, mean=config.mean, std=config.std,
+                                     device=trainer.device, channels_last=config.channels_last,
+                                     nfolds=10)
+        result["tables"] = {"verification: teacher vs student": rows}
+        run_dir.set_results(verification=rows)
+    run_dir.set_results(weights=str(weights), teacher_sha256=teacher_artifact.sha256,
+                        cached_teacher=task.cache is not None)
+    run_dir.finish()
+    return result
