@@ -1,0 +1,122 @@
+"""One exported MobileFaceNet: dynamic batch, metadata, in-graph preprocessing, fp16 and int8 variants."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from shrinkcli.export.check import (compare_embeddings, generated_pixels, onnx_embeddings, parity_check,
+                                    torch_embeddings)
+from shrinkcli.export.fp16 import convert_fp16
+from shrinkcli.export.onnx_export import GraphSpec, export_onnx, read_metadata
+from shrinkcli.export.quantize import quantize_int8
+from shrinkcli.models.registry import create_model
+
+SIZE = 32
+
+
+def _randomise_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Fresh BN layers are identities; random statistics make parity tests see real arithmetic."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+    return model.eval()
+
+
+def _model(name: str, **kwargs) -> torch.nn.Module:
+    return _randomise_batchnorm(create_model(name, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def mfn_export(tmp_path_factory):
+    model = _model("mobilefacenet", input_size=SIZE, width=0.25)
+    spec = GraphSpec(input_size=SIZE)
+    path = export_onnx(model, tmp_path_factory.mktemp("mfn") / "model.onnx", spec, source_sha256="f" * 64)
+    return model, spec, path
+
+
+@pytest.mark.parametrize("batch", [1, 7, 32])
+def test_dynamic_batch(mfn_export, batch):
+    model, spec, path = mfn_export
+    pixels = generated_pixels(batch, SIZE, seed=batch)
+    out = onnx_embeddings(path, spec, pixels, batch_size=batch)
+    assert out.shape == (batch, model.embedding_size)
+    assert compare_embeddings(torch_embeddings(model, spec, pixels), out)["cosine_min"] >= 0.99999
+
+
+def test_single_file_and_metadata(mfn_export):
+    model, spec, path = mfn_export
+    assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]  # no model.onnx.data beside it
+    proto = onnx.load(str(path))
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    assert [i.name for i in proto.graph.input] == ["input"]
+    assert [o.name for o in proto.graph.output] == ["embedding"]
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    meta = read_metadata(path)
+    assert meta["architecture"] == "mobilefacenet"
+    assert eval(meta["arch_kwargs"].replace("true", "True")) == {"input_size": SIZE, "width": 0.25}
+    assert meta["embedding_size"] == "512" and meta["input_size"] == str(SIZE)
+    assert float(meta["mean"]) == 127.5 and float(meta["std"]) == 127.5
+    assert (meta["channel_order"], meta["layout"], meta["dtype"]) == ("RGB", "nchw", "fp32")
+    assert (meta["preprocess_in_graph"], meta["l2_normalized"]) == ("false", "false")
+    assert meta["source_sha256"] == "f" * 64 and meta["shrink_version"]
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_preprocess_in_graph_equals_torch_on_normalised_input(mfn_export, tmp_path, layout):
+    model, _, _ = mfn_export
+    spec = GraphSpec(input_size=SIZE, include_preprocess=True, layout=layout, normalize_output=True)
+    path = export_onnx(model, tmp_path / "pre.onnx", spec)
+    pixels = generated_pixels(6, SIZE, seed=3)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    feed = pixels.transpose(0, 2, 3, 1) if layout == "nhwc" else pixels
+    out = session.run(None, {"input": np.ascontiguousarray(feed)})[0]
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model((torch.from_numpy(pixels).float() - 127.5) / 127.5), dim=1)
+    np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    assert read_metadata(path)["layout"] == layout
+
+
+def test_fp16_keeps_fp32_io_and_is_close(mfn_export, tmp_path):
+    model, spec, path = mfn_export
+    half = convert_fp16(path, tmp_path / "m16.onnx")
+    proto = onnx.load(str(half))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
+    assert half.stat().st_size < 0.6 * path.stat().st_size
+    result = parity_check(model, half, spec, generated_pixels(8, SIZE), variant="fp16")
+    assert result["passed"], result
+    assert read_metadata(half)["dtype"] == "fp16"
+
+
+def test_int8_static_and_dynamic(mfn_export, tmp_path):
+    model, spec, path = mfn_export
+    calib = generated_pixels(16, SIZE, seed=5)
+    static = quantize_int8(path, tmp_path / "s8.onnx", spec.graph_input(calib))
+    assert static == {"method": "static-qdq", "calibration_images": 16}
+    dynamic = quantize_int8(path, tmp_path / "d8.onnx", None)
+    assert dynamic["method"] == "dynamic"
+    pixels = generated_pixels(8, SIZE, seed=6)
+    for name in ("s8.onnx", "d8.onnx"):
+        result = parity_check(model, tmp_path / name, spec, pixels, variant="int8")
+        assert result["passed"], (name, result)
+        meta = read_metadata(tmp_path / name)
+        assert meta["dtype"] == "int8" and meta["architecture"] == "mobilefacenet"
+    assert not list(tmp_path.glob("*.data")) and not list(tmp_path.glob("shrink-int8-*"))
+
+
+def test_failed_parity_is_reported(mfn_export):
+    model, spec, path = mfn_export
+    sabotaged = _model("mobilefacenet", input_size=SIZE, width=0.25)  # different random weights
+    result = parity_check(sabotaged, path, spec, generated_pixels(4, SIZE), variant="fp32")
+    assert not result["passed"] and result["cosine_min"] < 0.99999
+    assert parity_check(model, path, spec, generated_pixels(4, SIZE), variant="fp32", min_cosine=1.01)["passed"] is False
