@@ -207,6 +207,7 @@ class DistillConfig(TrainConfig):
     sample_rate: float = 1.0
     cache_teacher: bool = False
     cache_stages: bool = False          # also cache the four stage maps (fp16) when caching
+    cache_dir: Optional[str] = None     # where the teacher cache lives (default: <run dir>/teacher_cache)
 
     def validate(self) -> None:
         super().validate()
@@ -230,6 +231,7 @@ class ExportConfig(Config):
     normalize_output: bool = False
     check: bool = True
     check_data: Optional[str] = None
+    check_images: int = 32              # images for the parity check (from check_data/calib_data or generated)
     min_cosine: Optional[float] = None
 
 
