@@ -205,3 +205,25 @@ def test_cache_request_records_stage_need(tmp_path, teacher_file):
     no_stages = stage.build_task(tiny_config(teacher_file, data="synthetic:2:2:0", cache_teacher=True,
                                              stage_loss="none"), teacher, "b" * 64, dataset, tmp_path)
     assert not no_stages.cache_request.with_stages and no_stages.head is not None
+
+
+def test_insightface_style_backbone_pth_teacher(tmp_path, teacher_file):
+    teacher, _ = load_model(teacher_file)
+    plain = tmp_path / "backbone.pth"
+    torch.save(teacher.state_dict(), plain)        # no metadata: the architecture is inferred
+    artifact, loaded, meta = stage.load_teacher(str(plain))
+    assert meta["arch"] == "r18" and loaded.input_size == SIZE and artifact.sha256 == meta["sha256"]
+
+
+def test_cli_distill_json(tmp_path, teacher_file):
+    from typer.testing import CliRunner
+
+    from shrinkcli.cli import app
+
+    result = CliRunner().invoke(app, ["--json", "distill", "--teacher", str(teacher_file), "--data", "synthetic:4:4",
+                                      "--width", "0.25", "--embedding-size", "32", "--epochs", "1", "--batch-size", "8",
+                                      "--cache-teacher", "--no-labels", "--project", str(tmp_path / "runs"),
+                                      "--set", "workers=0"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)["summary"]
+    assert summary["cached_teacher"] is True and summary["teacher_forward_steps"] == 0 and summary["steps"] == 2
