@@ -5,7 +5,8 @@ features) match insightface exactly, so its `backbone.pth` files load with `stri
 
 Depth convention (the one insightface's names follow): weighted layers = stem conv + 2 convs per
 block + fc; the 1x1 downsample convs on the shortcut are not counted. So depth = 2*sum(blocks) + 2:
-r18 [2,2,2,2], r34 [3,4,6,3], r50 [3,4,14,3], r100 [3,13,30,3], r200 [6,26,60,6].
+r18 [2,2,2,2], r34 [3,4,6,3], r50 [3,4,14,3], r100 [3,13,30,3]. insightface's r200
+[6,26,60,6] is kept as published although it counts 198 layers this way (its name is nominal).
 
 r90 (our choice; no public layout exists): [3, 8, 30, 3] = 44 blocks -> 2*44 + 2 = 90 layers.
 It is r100 with stage 2 cut from 13 to 8 blocks: stage 3 (14x14, where insightface's deep
@@ -89,14 +90,20 @@ class IResNet(nn.Module):
                              *[IBasicBlock(out_ch, out_ch) for _ in range(blocks - 1)])
 
     def _init_weights(self) -> None:
-        # insightface's init: N(0, 0.1) convs, unit BN; the embedding BN's scale is frozen at 1 so
-        # only its shift and running statistics adapt (keeps the embedding scale tied to fc).
+        # insightface's init (N(0, 0.1) convs, unit BN) plus a zero scale on each block's last BN
+        # (its `zero_init_residual` option, Goyal et al. 2017): every block starts as its shortcut.
+        # Without it a fresh model in eval mode amplifies activations ~2x per block (r50 reaches
+        # 1e10, r200 overflows to NaN), which breaks smoke tests, exports and parity checks of
+        # untrained models; training itself normalises with batch statistics either way.
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, 0, 0.1)
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, IBasicBlock):
+                nn.init.zeros_(module.bn3.weight)
         nn.init.ones_(self.features.weight)
         self.features.weight.requires_grad = False
 
