@@ -163,3 +163,19 @@ def test_validation_logs_accuracy_and_best_checkpoint(tmp_path):
 def test_too_little_data_is_a_clear_error():
     with pytest.raises(BadInputError, match="fewer than one global batch"):
         Trainer(toy_config(batch_size=64), None, ToyTask(), ToyFaces(count=10))
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cpu_autocast_modes_train_with_finite_loss(amp):
+    trainer = Trainer(toy_config(epochs=1, amp=amp), None, ToyTask(), ToyFaces())
+    assert (trainer.scaler is not None) == (amp == "fp16")
+    result = trainer.fit()
+    assert math.isfinite(result["final_loss"]) and result["steps"] == 6
+
+
+def test_auto_amp_is_fp32_on_cpu_and_bf16_on_cuda():
+    from shrinkcli.engine.trainer import amp_dtype
+
+    assert amp_dtype("auto", torch.device("cpu")) is None
+    assert amp_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert amp_dtype("off", torch.device("cuda")) is None

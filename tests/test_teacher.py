@@ -13,7 +13,7 @@ from shrinkcli.models.io import load_model
 from shrinkcli.rundir import RunOptions, load_manifest, resolve_artifact
 from shrinkcli.stages import teacher
 
-TINY = dict(arch="r18", width=0.125, input_size=32, embedding_size=32, data="synthetic:6:4", batch_size=8,
+TINY = dict(arch="r18", width=0.125, input_size=32, embedding_size=32, data="synthetic:4:4", batch_size=8,
             epochs=2, workers=0, device="cpu", log_every=1, lr=0.05)
 
 
@@ -22,19 +22,19 @@ def tiny_config(**changes):
 
 
 def test_training_writes_resumable_checkpoints_and_a_loadable_teacher(tmp_path):
-    config = tiny_config(val="pairs:24@synthetic:6:4:1", head="cosface", scale=16.0)
+    config = tiny_config(val="pairs:24@synthetic:4:4:1", head="cosface", scale=16.0)
     result = teacher.run(config, RunOptions(run_dir=str(tmp_path / "t")))
     run_dir = tmp_path / "t"
     summary = result["summary"]
-    assert summary["steps"] == 2 * (24 // 8) and 0.0 <= summary["val_accuracy"] <= 1.0
+    assert summary["steps"] == 2 * (16 // 8) and 0.0 <= summary["val_accuracy"] <= 1.0
     manifest = load_manifest(run_dir)
     kinds = {o["kind"] for o in manifest["outputs"]}
     assert {"checkpoint", "best_checkpoint", "weights", "metrics"} <= kinds
-    assert manifest["status"] == "completed" and manifest["inputs"][0]["identities"] == 6
+    assert manifest["status"] == "completed" and manifest["inputs"][0]["identities"] == 4
     model, meta = load_model(resolve_artifact(run_dir, "weights").path)
     assert meta["arch"] == "r18" and meta["preprocess"]["input_size"] == 32
     state = load_checkpoint(run_dir / "weights" / "last.pt")
-    assert state["modules"]["head"]["weight"].shape == (6, 32)
+    assert state["modules"]["head"]["weight"].shape == (4, 32)
     for key, value in model.state_dict().items():
         assert torch.equal(value, state["model"][key]), key
     # a full training checkpoint is also a teacher the model loader accepts
@@ -44,14 +44,14 @@ def test_training_writes_resumable_checkpoints_and_a_loadable_teacher(tmp_path):
 
 def test_resume_continues_in_the_same_run_dir_with_the_saved_config(tmp_path):
     run_dir = tmp_path / "t"
-    teacher.run(tiny_config(max_steps=4), RunOptions(run_dir=str(run_dir)))
-    assert load_checkpoint(run_dir / "weights" / "last.pt")["step"] == 4
+    teacher.run(tiny_config(max_steps=3), RunOptions(run_dir=str(run_dir)))
+    assert load_checkpoint(run_dir / "weights" / "last.pt")["step"] == 3
     # like `shrink teacher --resume DIR`: the CLI's defaults must not replace the saved settings
     result = teacher.run(TeacherConfig(workers=0, device="cpu"), RunOptions(), resume=str(run_dir))
-    assert result["run_dir"] == str(run_dir) and result["summary"]["steps"] == 6
+    assert result["run_dir"] == str(run_dir) and result["summary"]["steps"] == 4
     manifest = load_manifest(run_dir)
     assert manifest["status"] == "completed" and manifest["config"]["arch"] == "r18"
-    assert manifest["results"]["resumes"][0]["step"] == 4
+    assert manifest["results"]["resumes"][0]["step"] == 3
     assert not (tmp_path / "runs").exists()
 
 
