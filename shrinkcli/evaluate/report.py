@@ -19,8 +19,9 @@ def _num(value: Any, digits: int = 3) -> str:
 def model_row(role: str, info: dict[str, Any], accuracy: dict[str, Any] | None, gap: float | None) -> dict[str, Any]:
     """One row of the comparison table (also used for the terminal table)."""
     row = {"role": role, "artifact": info["file"], "params (M)": _millions(info.get("params")),
-           "MACs (M)": _millions(info.get("macs")), "size (MB)": round(info["size_bytes"] / 2**20, 3),
-           "ms/img b1": info.get("latency_ms_b1"), "ms/img b32": info.get("latency_ms_b32")}
+           "MACs (M)": _millions(info.get("macs")), "size (MB)": round(info["size_bytes"] / 2**20, 3)}
+    if "latency_ms_b1" in info:
+        row.update({"ms/img b1": info["latency_ms_b1"], "ms/img b32": info["latency_ms_b32"]})
     if accuracy:
         row["accuracy"] = f"{100 * accuracy['accuracy']:.2f} +- {100 * accuracy['accuracy_std']:.2f}"
         for key, tar in accuracy["tar_at_far"].items():
@@ -28,6 +29,13 @@ def model_row(role: str, info: dict[str, Any], accuracy: dict[str, Any] | None, 
     if gap is not None:
         row["gap (pt)"] = round(100 * gap, 2)
     return row
+
+
+def compact_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The terminal's version of a row: one TAR column (FAR 1e-3, else the strictest reported)."""
+    tar_keys = [k for k in row if k.startswith("TAR@")]
+    keep = "TAR@FAR=1e-03" if "TAR@FAR=1e-03" in tar_keys else (tar_keys[-1] if tar_keys else None)
+    return {k: v for k, v in row.items() if not k.startswith("TAR@") or k == keep}
 
 
 def _millions(value: int | None) -> float | None:

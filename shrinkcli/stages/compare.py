@@ -15,15 +15,13 @@ from shrinkcli import log
 from shrinkcli.errors import BadInputError, GateFailedError
 
 
-def _score_group(sources: list[str], group: str, pairs_for, crop, input_size, flip: bool = True):
+def _score_group(runners: list, sources: list[str], group: str, pairs_for, crop, input_size, flip: bool = True):
     import numpy as np
 
-    from shrinkcli.evaluate.runners import open_runner
     from shrinkcli.evaluate.verification import evaluate_pairs
 
     rows, correctness = [], []
-    for source in sources:
-        runner = open_runner(source, f"model {group}")
+    for source, runner in zip(sources, runners):
         if input_size is not None and input_size != runner.input_size:
             raise BadInputError(f"{source} takes {runner.input_size}px images, not --input-size {input_size}")
         pairs = pairs_for(runner.input_size, crop if crop is not None else runner.crop)
@@ -45,6 +43,7 @@ def run(*, model_a: list[str], model_b: list[str], pairs: str, data: str | None 
 
     from shrinkcli.data import load_pairs
     from shrinkcli.evaluate.bootstrap import paired_bootstrap
+    from shrinkcli.evaluate.runners import open_runner
 
     if not model_a or not model_b:
         raise BadInputError("compare needs at least one --a and one --b model")
@@ -58,8 +57,11 @@ def run(*, model_a: list[str], model_b: list[str], pairs: str, data: str | None 
             loaded[key] = load_pairs(pairs, data_root=data, input_size=size, crop=image_crop)
         return loaded[key]
 
-    rows_a, correct_a = _score_group(list(model_a), "A", pairs_for, crop, input_size)
-    rows_b, correct_b = _score_group(list(model_b), "B", pairs_for, crop, input_size)
+    # open every model first: a missing or unreadable file fails before any slow embedding
+    runners_a = [open_runner(source, "model A") for source in model_a]
+    runners_b = [open_runner(source, "model B") for source in model_b]
+    rows_a, correct_a = _score_group(runners_a, list(model_a), "A", pairs_for, crop, input_size)
+    rows_b, correct_b = _score_group(runners_b, list(model_b), "B", pairs_for, crop, input_size)
     if len(correct_a) != len(correct_b):
         raise BadInputError("groups A and B were scored on different pairs")
     stats = paired_bootstrap(correct_a, correct_b, resamples=bootstrap, seed=seed)

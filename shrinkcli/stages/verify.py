@@ -230,7 +230,9 @@ def _finish(out: RunDir, report: dict[str, Any], rows: list[dict[str, Any]]) -> 
     failed = [g for g in report["gates"] if not g["passed"]]
     summary["status"] = "FAILED: " + ", ".join(g["name"] for g in failed) if failed else "ok"
     out.set_results(summary=summary, gates=report["gates"])
-    result = {"summary": summary, "tables": {"verify": rows}, "report": report}
+    from shrinkcli.evaluate.report import compact_row
+
+    result = {"summary": summary, "tables": {"verify": [compact_row(r) for r in rows]}, "report": report}
     if failed:
         out.finish("failed")
         details = "; ".join(f"{g['name']} {g['value']:.6g} (need {g['op']} {g['limit']:.6g})" for g in failed)
