@@ -179,3 +179,22 @@ def test_auto_amp_is_fp32_on_cpu_and_bf16_on_cuda():
     assert amp_dtype("auto", torch.device("cpu")) is None
     assert amp_dtype("auto", torch.device("cuda")) is torch.bfloat16
     assert amp_dtype("off", torch.device("cuda")) is None
+
+
+def test_worker_processes_give_the_same_weights_as_in_process_loading(tmp_path):
+    torch.manual_seed(0)
+    a, b = ToyTask(), ToyTask()
+    b.backbone.load_state_dict(a.backbone.state_dict())
+    b.head.load_state_dict(a.head.state_dict())
+    Trainer(toy_config(epochs=1), None, a, ToyFaces()).fit()
+    Trainer(toy_config(epochs=1, workers=2), None, b, ToyFaces()).fit()
+    for key, value in _weights(a).items():
+        assert torch.equal(value, _weights(b)[key]), key
+
+
+def test_progress_bar_at_a_terminal_does_not_disturb_training(monkeypatch):
+    from shrinkcli import log
+
+    monkeypatch.setattr(log, "show_progress", lambda: True)
+    result = Trainer(toy_config(epochs=1), None, ToyTask(), ToyFaces()).fit()
+    assert result["steps"] == 6
