@@ -38,6 +38,11 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # weights_only reports both refused objects ("Unsupported global: GLOBAL posix.system")
+        # and plain garbage ("Unsupported operand 110") as UnpicklingError: tell them apart.
+        if "global" not in str(exc).lower():
+            raise BadInputError(f"cannot read weights from {path}: not a PyTorch checkpoint (corrupt or wrong format)",
+                                hint="expected a .pt/.pth state_dict or checkpoint, or a .safetensors file") from exc
         raise BadInputError(
             f"{path} refused: it contains pickled objects other than tensors (unsafe to load)",
             hint="re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or as .safetensors",
