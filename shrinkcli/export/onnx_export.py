@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import sys
 import warnings
 from dataclasses import dataclass
@@ -122,10 +123,22 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 def _to_proto_dynamo(wrapper, example, opset: int):
     batch = torch.export.Dim("batch", min=1, max=65536)
-    # The exporter reports progress on stdout, which `--json` reserves for the result.
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+    # The exporter reports progress on stdout, which `--json` reserves for the result, and warns
+    # about optional torchvision ops that face models never use.
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), _quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, (example,), dynamo=True, opset_version=opset,
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],

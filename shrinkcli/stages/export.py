@@ -85,6 +85,7 @@ def _write_onnx_variants(model, meta, source: Artifact, config: ExportConfig, sp
                                  crop=(meta.get("preprocess") or {}).get("crop"))
             calib = spec.graph_input(pixels)
         info = quantize_int8(written["onnx"], out.file(FILES["onnx-int8"]), calib)
+        written["onnx-int8"] = out.path / FILES["onnx-int8"]
     for kind, path in written.items():
         out.add_output(path, kind)
     return {"written": written, "quantization": info}

@@ -1,0 +1,130 @@
+"""`shrink export` end to end: run dirs, manifest, safetensors round trip, parity gate, source lookup."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from shrinkcli.cli import app
+from shrinkcli.models.io import load_model, save_model_safetensors
+from shrinkcli.models.registry import create_model
+from shrinkcli.rundir import RunDir
+
+SIZE = 32
+runner = CliRunner()
+
+
+def _tiny_student(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_model("mobilefacenet", input_size=SIZE, width=0.25, embedding_size=64)
+    for module in model.modules():  # non-trivial BN statistics, as after training
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("src") / "student.safetensors"
+    return save_model_safetensors(_tiny_student(), path, preprocess={
+        "mean": 127.5, "std": 127.5, "crop": None, "input_size": SIZE, "channel_order": "RGB"})
+
+
+def _export(*args: str):
+    result = runner.invoke(app, ["--json", "export", *args])
+    return result, result.stdout
+
+
+def _manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def test_export_all_variants_with_manifest(weights, tmp_path):
+    out = tmp_path / "export"
+    result, stdout = _export("--weights", str(weights), "--format", "all", "--dtype", "fp16",
+                             "--quantize", "int8", "--calib-data", "synthetic:4:4:0", "--run-dir", str(out))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(stdout)["summary"]
+    assert summary["status"] == "ok" and summary["fp32_cosine_min"] >= 0.99999
+    manifest = _manifest(out)
+    assert manifest["status"] == "completed" and manifest["stage"] == "export"
+    assert {o["kind"] for o in manifest["outputs"]} == {"onnx", "onnx-fp16", "onnx-int8", "safetensors"}
+    [source] = manifest["inputs"]
+    assert source["kind"] == "weights" and Path(source["path"]) == weights.resolve()
+    parity = manifest["results"]["parity"]
+    assert parity["fp32"]["cosine_min"] >= 0.99999 and parity["fp16"]["cosine_min"] >= 0.999
+    assert parity["int8"]["cosine_min"] >= 0.98 and parity["int8"]["images_from"] == "synthetic:4:4:0"
+    assert manifest["results"]["quantization"] == {"method": "static-qdq", "calibration_images": 16}
+    sizes = manifest["results"]["sizes_bytes"]
+    assert sizes["model-fp16.onnx"] < sizes["model.onnx"] and sizes["model-int8.onnx"] < sizes["model.onnx"]
+    assert not list(out.glob("*.data"))
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert meta["source_sha256"] == source["sha256"] and meta["embedding_size"] == "64"
+
+
+def test_safetensors_rebuilds_bit_exact(weights, tmp_path):
+    out = tmp_path / "st"
+    result, _ = _export("--weights", str(weights), "--format", "safetensors", "--run-dir", str(out))
+    assert result.exit_code == 0, result.output
+    rebuilt, meta = load_model(out / "model.safetensors")
+    original = _tiny_student()
+    assert meta["arch"] == "mobilefacenet" and meta["arch_kwargs"] == original.arch_kwargs
+    assert meta["preprocess"]["input_size"] == SIZE
+    for key, tensor in original.state_dict().items():
+        assert torch.equal(tensor, rebuilt.state_dict()[key]), key
+    assert [o["kind"] for o in _manifest(out)["outputs"]] == ["safetensors"]
+
+
+def test_failed_check_exits_1_and_marks_run_failed(weights, tmp_path):
+    out = tmp_path / "strict"
+    result, _ = _export("--weights", str(weights), "--run-dir", str(out), "--set", "min_cosine=1.01")
+    assert result.exit_code == 1
+    assert "parity check failed" in result.stderr
+    assert _manifest(out)["status"] == "failed"
+    assert _manifest(out)["results"]["parity"]["fp32"]["passed"] is False
+    skipped, _ = _export("--weights", str(weights), "--run-dir", str(tmp_path / "lenient"),
+                         "--set", "min_cosine=1.01", "--no-check")
+    assert skipped.exit_code == 0, skipped.output
+    assert _manifest(tmp_path / "lenient")["results"]["parity"] == "skipped (--no-check)"
+
+
+def _fake_distill_run(project: Path, name: str, model: torch.nn.Module, *, complete: bool) -> Path:
+    run = RunDir.create("distill", root=project, name=name, config={"student": "mobilefacenet"})
+    path = save_model_safetensors(model, run.file("model.safetensors"))
+    run.add_output(path, "weights")
+    if complete:
+        run.finish()
+    return run.path
+
+
+def test_newest_completed_distill_run_is_exported(tmp_path):
+    project = tmp_path / "runs"
+    done = _fake_distill_run(project, "distill", _tiny_student(1), complete=True)
+    _fake_distill_run(project, "distill2", _tiny_student(2), complete=False)  # still running: skipped
+    result, stdout = _export("--project", str(project), "--format", "onnx")
+    assert result.exit_code == 0, result.output
+    assert f"newest completed distill run: {done}" in result.stderr
+    out = Path(json.loads(stdout)["summary"]["run_dir"])
+    assert out.parent == project / "export"
+    assert Path(_manifest(out)["inputs"][0]["path"]) == (done / "model.safetensors").resolve()
+    # ... and --run names the run dir explicitly.
+    explicit, _ = _export("--run", str(done), "--format", "onnx", "--run-dir", str(tmp_path / "e2"))
+    assert explicit.exit_code == 0, explicit.output
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "no completed distill run"),
+    (["--run", "a", "--weights", "b"], "either --run or --weights"),
+    (["--weights", "missing.safetensors"], "does not exist"),
+    (["--weights", "w", "--format", "safetensors", "--dtype", "fp16"], "apply to ONNX output"),
+])
+def test_bad_input_exits_2(tmp_path, args, message):
+    result = runner.invoke(app, ["export", "--project", str(tmp_path / "empty"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
