@@ -117,7 +117,11 @@ def average_gradients(params: list[nn.Parameter], bucket_bytes: int = 32 << 20) 
     if not _active():
         return
     world = dist.get_world_size()
-    grads = [p.grad for p in params if p.grad is not None]
+    for param in params:
+        # A parameter unused on one rank must still join the same all-reduce buckets as on the others.
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    grads = [p.grad for p in params]
     bucket: list[torch.Tensor] = []
     size = 0
     for grad in grads + [None]:

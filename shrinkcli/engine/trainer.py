@@ -162,6 +162,13 @@ class Trainer:
         progress = ProgressView(self.is_main, total, self.step, self.config.log_every)
         try:
             last_loss = self._loop(metrics, progress, total)
+        except KeyboardInterrupt:
+            self._mark("interrupted")
+            raise
+        except Exception as exc:
+            if self.run is not None and self.run.manifest.get("status") == "running":
+                self._mark("diverged" if isinstance(exc, TrainingDivergedError) else "failed")
+            raise
         finally:
             progress.close()
         if self.val_pairs is not None and self.last_val is None:
@@ -213,14 +220,15 @@ class Trainer:
 
     def _train_step(self, images, labels, indices, flips) -> tuple[float, dict[str, Any]]:
         flipped = flips[indices] if flips is not None else torch.zeros(len(indices), dtype=torch.bool)
-        images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(3), images)
         images = images.to(self.device, non_blocking=True)
+        flipped = flipped.to(self.device, non_blocking=True)
+        images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(3), images)  # on the device: cheaper
         if self.config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            loss, logs = self.task.loss(images, labels, indices, flipped.to(self.device))
+            loss, logs = self.task.loss(images, labels, indices, flipped)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         ddp.average_gradients(self.params)
         if self.scaler is not None:
