@@ -26,6 +26,9 @@ def artifacts(tmp_path_factory):
     from shrinkcli.models import create_model
     from shrinkcli.models.io import save_model_safetensors
 
+    import torch
+
+    torch.manual_seed(0)          # module fixtures run before the per-test seeding fixture
     root = tmp_path_factory.mktemp("verify")
     model = create_model("mobilefacenet", embedding_size=32, input_size=SIZE, width=0.25).eval()
     weights = root / "model.safetensors"
@@ -52,7 +55,7 @@ def _invoke(*args):
 def test_verify_passes_and_writes_reports(artifacts, tmp_path):
     run_dir = tmp_path / "v"
     result = _invoke("--model", artifacts["onnx"], "--reference", artifacts["weights"], "--teacher",
-                     artifacts["weights"], "--pairs", PAIRS, "--data", DATA, "--run-dir", run_dir,
+                     artifacts["onnx"], "--pairs", PAIRS, "--data", DATA, "--run-dir", run_dir,
                      "--set", "latency_seconds=0.05", "--set", "parity_images=8")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
@@ -63,10 +66,12 @@ def test_verify_passes_and_writes_reports(artifacts, tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["pairs"]["pairs"] == 80 and report["pairs"]["folds"] == 10
     assert report["identification"]["model"]["probes"] == 10 * 3      # first image of each id is gallery
-    assert report["model"]["latency_ms_b1"] > 0 and report["teacher"]["params"] > report["model"]["params"] * 0.5
+    assert report["model"]["latency_ms_b1"] > 0 and report["teacher"]["latency_ms_b32"] > 0
     markdown = (run_dir / "report.md").read_text()
     assert "| teacher |" in markdown and "| model |" in markdown and "accuracy" in markdown
     assert (run_dir / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    roc = report["roc"]["model: model.onnx"]
+    assert roc["fpr"][0] == 0.0 and roc["tpr"][-1] == 1.0 and len(roc["fpr"]) == len(roc["tpr"])
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert {"model", "reference", "teacher", "pairs"} <= {r["kind"] for r in manifest["inputs"]}
     assert {"report", "report-md", "roc-plot"} <= {r["kind"] for r in manifest["outputs"]}
@@ -113,27 +118,3 @@ def test_export_run_dir_supplies_its_reference(artifacts, tmp_path):
     target.write_bytes(b"changed after the run")
     result = _invoke("--model", export.path, "--run-dir", tmp_path / "r2", *FAST)
     assert result.exit_code == 2 and "sha256 mismatch" in result.stderr
-
-
-def test_runner_reads_dtype_and_uint8_input(artifacts, tmp_path):
-    import onnx
-
-    from shrinkcli.evaluate.runners import open_runner
-    from shrinkcli.export.onnx_export import GraphSpec, export_onnx
-    from shrinkcli.models.io import load_model
-
-    model, _ = load_model(artifacts["weights"])
-    path = tmp_path / "u8.onnx"
-    export_onnx(model, path, GraphSpec(input_size=SIZE, include_preprocess=True, layout="nhwc"),
-                exporter="torchscript")
-    graph = open_runner(str(path))
-    torch_runner = open_runner(str(artifacts["weights"]))
-    assert graph.uint8_input and graph.nhwc and graph.dtype == "fp32" and graph.input_size == SIZE
-    pixels = np.random.default_rng(0).integers(0, 256, (4, 3, SIZE, SIZE), dtype=np.uint8)
-    np.testing.assert_allclose(graph.embed(pixels), torch_runner.embed(pixels), atol=1e-4)
-    proto = onnx.load(str(path))
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "dtype", "int8"
-    del proto.metadata_props[[p.key for p in proto.metadata_props].index("dtype")]
-    onnx.save(proto, str(tmp_path / "int8.onnx"))
-    assert open_runner(str(tmp_path / "int8.onnx")).dtype == "int8"

@@ -20,7 +20,8 @@ def dataset_pixels(dataset: Any, indices: np.ndarray) -> np.ndarray:
 def open_labelled(spec: str, *, input_size: int, crop: int | None):
     from shrinkcli.data import open_dataset
 
-    dataset = open_dataset(spec, input_size=input_size, crop=crop, skip_corrupt=True)
+    # strict: substituting another image for a corrupt one would silently change what is measured
+    dataset = open_dataset(spec, input_size=input_size, crop=crop, skip_corrupt=False)
     if len(dataset) == 0:
         raise BadInputError(f"{spec} has no images", hint="pass a data spec with readable images")
     return dataset

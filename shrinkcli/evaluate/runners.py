@@ -89,7 +89,7 @@ class EmbeddingRunner:
         self.forward_uint8(pixels)   # warm-up: allocations, kernel selection
         times = []
         deadline = time.perf_counter() + seconds
-        while len(times) < 3 or (time.perf_counter() < deadline and len(times) < max_repeats):
+        while not times or (time.perf_counter() < deadline and len(times) < max_repeats):
             start = time.perf_counter()
             self.forward_uint8(pixels)
             times.append(time.perf_counter() - start)

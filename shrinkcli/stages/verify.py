@@ -207,7 +207,8 @@ def _verify(config: VerifyConfig, out: RunDir, model, reference, teacher) -> dic
     if teacher is not None:
         rows.insert(0, model_row("teacher", report["teacher"], (report.get("accuracy") or {}).get("teacher"), None))
         rows[1] = model_row("model", report["model"], (report.get("accuracy") or {}).get("model"), report.get("gap"))
-    atomic_write_json(out.path / "report.json", report)
+    # ROC points go to the file (for plots elsewhere), not into the printed result
+    atomic_write_json(out.path / "report.json", {**report, "roc": curves})
     out.add_output(out.path / "report.json", "report")
     out.add_output(write_markdown(out.path / "report.md", report, rows), "report-md")
     if curves:
