@@ -143,7 +143,8 @@ class Trainer:
             self._restore(ckpt.load_checkpoint(path))
             resumed_from = str(path)
             self.last_good = path if self.is_main else None
-            log.info(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
+            if self.is_main:
+                log.info(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
         else:
             seed_everything(self.config.seed + self.dist.rank)
         ddp.broadcast_modules(list(self.modules.values()))
@@ -261,7 +262,8 @@ class Trainer:
             raise TrainingDivergedError(f"non-finite loss/gradient ({loss_value}) at {where}",
                                         hint=f"{last}; lower --lr, use amp=bf16/off, or set nan_policy=skip")
         self.nan_skips += 1
-        log.warning(f"non-finite loss/gradient at {where}: step skipped ({self.nan_skips}/{self.config.max_nan_skips})")
+        if self.is_main:
+            log.warning(f"non-finite loss/gradient at {where}: step skipped ({self.nan_skips}/{self.config.max_nan_skips})")
         if self.nan_skips > self.config.max_nan_skips:
             self._mark("diverged")
             raise TrainingDivergedError(f"{self.nan_skips} non-finite steps (more than max_nan_skips="

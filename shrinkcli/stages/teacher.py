@@ -172,8 +172,11 @@ def check_embeddings(model, images) -> dict[str, Any]:
 
 
 def import_teacher(config: TeacherConfig, run: RunOptions) -> dict[str, Any]:
+    from shrinkcli.engine.distributed import env_dist_info
     from shrinkcli.models.io import load_model, save_model_safetensors
 
+    if not env_dist_info().is_main:
+        return {"summary": {"imported": "on rank 0 only"}}  # under torchrun: one import, one run dir
     source = Path(config.load)
     model, meta = load_model(source, arch=config.arch if _arch_was_chosen(config) else None)
     preprocess = dict(meta["preprocess"])
