@@ -198,3 +198,62 @@ def test_progress_bar_at_a_terminal_does_not_disturb_training(monkeypatch):
     monkeypatch.setattr(log, "show_progress", lambda: True)
     result = Trainer(toy_config(epochs=1), None, ToyTask(), ToyFaces()).fit()
     assert result["steps"] == 6
+
+
+def test_resume_config_keeps_saved_values_unless_explicitly_changed():
+    from shrinkcli.config import TeacherConfig
+    from shrinkcli.engine.resume import merge_config
+
+    saved = TeacherConfig(arch="r18", epochs=5, lr=0.05, max_steps=7, workers=4).to_dict()
+    merged = merge_config(saved, TeacherConfig(epochs=9, workers=0))
+    assert (merged.arch, merged.lr, merged.epochs) == ("r18", 0.05, 9)
+    assert merged.max_steps == 0 and merged.workers == 0  # per-invocation keys come from the command
+
+
+def test_resume_from_a_loose_checkpoint_opens_a_new_run_and_refuses_other_stages(tmp_path):
+    import shutil
+
+    from shrinkcli.engine.resume import resume_run
+    from shrinkcli.rundir import RunOptions
+
+    run = make_run(tmp_path, "src")
+    Trainer(toy_config(epochs=1), run, ToyTask(), ToyFaces()).fit()
+    loose = tmp_path / "loose.pt"
+    shutil.copy(run.path / "weights" / "last.pt", loose)
+    new_run, path, config = resume_run(loose, "teacher", toy_config(), RunOptions(run_dir=str(tmp_path / "new")))
+    assert new_run.path == tmp_path / "new" and path == loose and config.seed == 3
+    with pytest.raises(BadInputError, match="is a teacher run"):
+        resume_run(run.path, "distill", toy_config(), RunOptions())
+    with pytest.raises(BadInputError, match="nothing to resume"):
+        resume_run(tmp_path / "missing", "teacher", toy_config(), RunOptions())
+
+
+def test_frozen_modules_are_moved_eval_and_never_trained_or_saved(tmp_path):
+    class FrozenTeacherTask(ToyTask):
+        def __init__(self):
+            super().__init__()
+            self.teacher = ToyBackbone().train()
+            self.started_with = None
+
+        def frozen_modules(self):
+            return {"teacher": self.teacher}
+
+        def on_start(self, trainer):
+            self.started_with = trainer.device
+
+        def loss(self, images, labels, indices, flipped):
+            loss, logs = super().loss(images, labels, indices, flipped)
+            with torch.no_grad():
+                target = self.teacher(images)
+            return loss + 0.1 * (self.backbone(images) - target).pow(2).mean(), logs
+
+    task = FrozenTeacherTask()
+    before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
+    run = make_run(tmp_path)
+    trainer = Trainer(toy_config(epochs=1), run, task, ToyFaces())
+    trainer.fit()
+    assert not task.teacher.training and task.started_with == torch.device("cpu")
+    assert all(torch.equal(v, task.teacher.state_dict()[k]) for k, v in before.items())  # BN stats too
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not optimised & {id(p) for p in task.teacher.parameters()}
+    assert "teacher" not in load_checkpoint(run.path / "weights" / "last.pt")["modules"]
