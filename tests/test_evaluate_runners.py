@@ -66,3 +66,17 @@ def test_identification_on_real_faces_with_distractors(artifacts, orl_root, tmp_
     # ORL: 40 people x 10 images -> 40 gallery images, 360 probes; chance is 1/40
     assert (ident["probes"], ident["gallery"], ident["distractors"]) == (360, 40, 20)
     assert ident["rank1"] > 4 / 40
+
+
+def test_onnx_without_crop_takes_the_references_crop(artifacts, tmp_path):
+    from shrinkcli.models.io import load_model, save_model_safetensors
+
+    model, _ = load_model(artifacts["weights"])
+    cropped = tmp_path / "cropped.safetensors"
+    save_model_safetensors(model, cropped, preprocess={"mean": 127.5, "std": 127.5, "crop": 60,
+                                                       "input_size": SIZE, "channel_order": "RGB"})
+    result = runner.invoke(app, ["--json", "verify", "--model", str(artifacts["onnx"]), "--reference", str(cropped),
+                                 "--run-dir", str(tmp_path / "c"), "--set", "latency_seconds=0",
+                                 "--set", "parity_images=4"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["report"]["model"]["crop"] == 60

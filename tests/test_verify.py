@@ -102,6 +102,9 @@ def test_accuracy_gate_and_gate_needs_pairs(artifacts, tmp_path):
     assert result.exit_code == 1 and "accuracy" in result.stderr       # an untrained model is far below
     result = _invoke("--model", artifacts["weights"], "--max-gap", "0.01", "--run-dir", tmp_path / "b", *FAST)
     assert result.exit_code == 2 and "--max-gap needs" in result.stderr
+    assert not (tmp_path / "b").exists()
+    result = _invoke("--model", artifacts["weights"], "--pairs", tmp_path / "none.bin", "--run-dir", tmp_path / "c")
+    assert result.exit_code == 2 and not (tmp_path / "c").exists()
 
 
 def test_export_run_dir_supplies_its_reference(artifacts, tmp_path):

@@ -42,6 +42,7 @@ class EmbeddingRunner:
         self.mean = float(meta.get("mean", 127.5))
         self.std = float(meta.get("std", 127.5))
         self.crop = meta.get("crop")
+        self.crop_recorded = True
 
     @property
     def label(self) -> str:
@@ -172,6 +173,8 @@ class OnnxRunner(EmbeddingRunner):
             if isinstance(preprocess, dict) and preprocess.get(key) is not None and key not in metadata:
                 meta[key] = preprocess[key]
         super().__init__(path, sha256, meta)
+        # without a recorded crop the caller may take it from the weights the graph came from
+        self.crop_recorded = "crop" in metadata or (isinstance(preprocess, dict) and "crop" in preprocess)
         self.metadata = metadata
         self.dtype = _onnx_dtype(proto, metadata)
         self._params = int(sum(int(np.prod(init.dims)) for init in proto.graph.initializer

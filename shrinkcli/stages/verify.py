@@ -33,9 +33,14 @@ def _reference_from_run(source: str) -> str | None:
     return None
 
 
+def _crop_for(runner, config: VerifyConfig):
+    """--crop when given, else the centre crop the model records in its preprocessing."""
+    return config.crop if config.crop is not None else runner.crop
+
+
 def _describe(runner, latency_seconds: float) -> dict[str, Any]:
     info = {"path": str(runner.path), "file": runner.path.name, "kind": runner.kind, "dtype": runner.dtype,
-            "sha256": runner.sha256, "arch": runner.arch, "input_size": runner.input_size,
+            "sha256": runner.sha256, "arch": runner.arch, "input_size": runner.input_size, "crop": runner.crop,
             "params": runner.params(), "macs": runner.macs(), "size_bytes": runner.size_bytes()}
     if latency_seconds > 0:
         info["latency_ms_b1"] = round(runner.latency_ms(1, seconds=latency_seconds), 3)
@@ -135,48 +140,60 @@ def _gates(report: dict[str, Any], config: VerifyConfig) -> list[dict[str, Any]]
                            parity["min_cosine_required"]))
         if config.max_abs_diff is not None:
             gates.append(_gate("parity max abs diff", parity["max_abs_diff"], "<=", config.max_abs_diff))
-    accuracy = (report.get("accuracy") or {}).get("model")
     if config.min_accuracy is not None:
-        if not accuracy:
-            raise BadInputError("--min-accuracy needs --pairs", hint="e.g. --pairs lfw-half:../shared/data/lfw")
-        gates.append(_gate("accuracy", accuracy["accuracy"], ">=", config.min_accuracy))
+        gates.append(_gate("accuracy", report["accuracy"]["model"]["accuracy"], ">=", config.min_accuracy))
     if config.max_gap is not None:
-        if report.get("gap") is None:
-            raise BadInputError("--max-gap needs --teacher and --pairs")
         gates.append(_gate("teacher - model accuracy", report["gap"], "<=", config.max_gap))
     return gates
+
+
+def _check_request(config: VerifyConfig) -> None:
+    """Refuse impossible requests before any work or run dir."""
+    if not config.model:
+        raise BadInputError("verify needs --model", hint="a .onnx, .safetensors, .pt file or a run dir")
+    if config.parity_images <= 0 or config.batch_size <= 0:
+        raise BadInputError("parity_images and batch_size must be > 0")
+    if config.min_accuracy is not None and not config.pairs:
+        raise BadInputError("--min-accuracy needs --pairs", hint="e.g. --pairs lfw-half:../shared/data/lfw")
+    if config.max_gap is not None and not (config.teacher and config.pairs):
+        raise BadInputError("--max-gap needs --teacher and --pairs")
+    if config.distractors and not config.data:
+        raise BadInputError("distractors are added to the gallery of --data: pass --data too")
 
 
 def run(config: VerifyConfig, options: RunOptions) -> dict[str, Any]:
     from shrinkcli.evaluate.runners import open_runner
 
-    if not config.model:
-        raise BadInputError("verify needs --model", hint="a .onnx, .safetensors, .pt file or a run dir")
-    if config.parity_images <= 0 or config.batch_size <= 0:
-        raise BadInputError("parity_images and batch_size must be > 0")
+    _check_request(config)
     model = open_runner(config.model, "model")
     reference_source = config.reference or _reference_from_run(config.model)
     reference = open_runner(reference_source, "reference") if reference_source else None
     teacher = open_runner(config.teacher, "teacher") if config.teacher else None
+    if reference is not None and not model.crop_recorded and reference.crop is not None:
+        log.info(f"{model.path.name} records no centre crop; using the reference's crop {reference.crop}")
+        model.crop = reference.crop
     if config.input_size is not None and config.input_size != model.input_size:
         raise BadInputError(f"--input-size {config.input_size} differs from the model's {model.input_size}")
+    pairs = PairsCache(config)
+    if config.pairs:   # decode now: a bad pairs spec fails before a run dir exists
+        pairs.get(model.input_size, _crop_for(model, config))
     out = options.create("verify", config.to_dict())
     out.set_device("cpu")
     for role, runner in (("model", model), ("reference", reference), ("teacher", teacher)):
         if runner is not None:
             out.add_input(runner.path, role)
     try:
-        return _verify(config, out, model, reference, teacher)
+        return _verify(config, out, model, reference, teacher, pairs)
     except BaseException:
         if out.manifest["status"] == "running":
             out.finish("failed")
         raise
 
 
-def _verify(config: VerifyConfig, out: RunDir, model, reference, teacher) -> dict[str, Any]:
+def _verify(config: VerifyConfig, out: RunDir, model, reference, teacher, cache: PairsCache) -> dict[str, Any]:
     from shrinkcli.evaluate.report import model_row, write_markdown, write_roc_plot
 
-    crop = config.crop if config.crop is not None else model.crop
+    crop = _crop_for(model, config)
     report: dict[str, Any] = {"model": _describe(model, config.latency_seconds)}
     if teacher is not None:
         report["teacher"] = _describe(teacher, config.latency_seconds)
@@ -184,11 +201,11 @@ def _verify(config: VerifyConfig, out: RunDir, model, reference, teacher) -> dic
         report["parity"] = _check_parity(model, reference, config, crop)
     curves = {}
     if config.pairs:
-        cache, report["accuracy"] = PairsCache(config), {}
+        report["accuracy"] = {}
         for role, runner in (("model", model), ("teacher", teacher)):
             if runner is None:
                 continue
-            pairs = cache.get(runner.input_size, crop if runner is model or config.crop is not None else runner.crop)
+            pairs = cache.get(runner.input_size, _crop_for(runner, config))
             if "pairs" not in report:
                 report["pairs"] = {"spec": config.pairs, "pairs": len(pairs), "source": pairs.source}
                 _record_pairs(out, config.pairs)
@@ -200,7 +217,7 @@ def _verify(config: VerifyConfig, out: RunDir, model, reference, teacher) -> dic
         if teacher is not None:
             report["gap"] = report["accuracy"]["teacher"]["accuracy"] - report["accuracy"]["model"]["accuracy"]
     if config.data and config.identification:
-        report["identification"] = {role: _identification(runner, config, crop)
+        report["identification"] = {role: _identification(runner, config, _crop_for(runner, config))
                                     for role, runner in (("model", model), ("teacher", teacher)) if runner}
     report["gates"] = _gates(report, config)
     rows = [model_row("model", report["model"], (report.get("accuracy") or {}).get("model"), None)]
