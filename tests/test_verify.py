@@ -4,7 +4,6 @@ accuracy and identification on synthetic faces, reports, manifest, and bad input
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 

@@ -27,7 +27,7 @@ def split_probe_gallery(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(first), np.flatnonzero(~is_gallery)
 
 
-def _blocks(rows: np.ndarray | Iterable[np.ndarray], block: int) -> Iterable[np.ndarray]:
+def iter_blocks(rows: np.ndarray | Iterable[np.ndarray], block: int) -> Iterable[np.ndarray]:
     if isinstance(rows, np.ndarray):
         for start in range(0, len(rows), block):
             yield rows[start:start + block]
@@ -74,7 +74,7 @@ def rank1(probe_emb: np.ndarray, probe_labels: np.ndarray, gallery_emb: np.ndarr
         matcher.update(gallery_emb[start:start + block], gallery_labels[start:start + block])
     n_distractors = 0
     if distractors is not None:
-        for chunk in _blocks(distractors, block):
+        for chunk in iter_blocks(distractors, block):
             n_distractors += len(chunk)
             matcher.update(np.asarray(chunk), None)
     hits = matcher.label == probe_labels

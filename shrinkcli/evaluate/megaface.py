@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from shrinkcli.errors import BadInputError
-from shrinkcli.evaluate.identification import BestMatch, _blocks
+from shrinkcli.evaluate.identification import BestMatch, iter_blocks
 from shrinkcli.evaluate.verification import l2_normalize
 
 
@@ -22,7 +22,7 @@ def best_distractor_similarity(probe_emb: np.ndarray, distractors: np.ndarray | 
                                *, block: int = 8192) -> tuple[np.ndarray, int]:
     matcher = BestMatch(probe_emb)
     count = 0
-    for chunk in _blocks(distractors, block):
+    for chunk in iter_blocks(distractors, block):
         count += len(chunk)
         matcher.update(np.asarray(chunk), None)
     return matcher.score, count
