@@ -227,3 +227,20 @@ def test_cli_distill_json(tmp_path, teacher_file):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)["summary"]
     assert summary["cached_teacher"] is True and summary["teacher_forward_steps"] == 0 and summary["steps"] == 2
+
+
+def test_no_labels_accepts_a_plain_folder_of_images(tmp_path, teacher_file):
+    from PIL import Image
+
+    from shrinkcli.data import open_dataset
+
+    source = open_dataset("synthetic:2:4:0", input_size=SIZE)
+    flat = tmp_path / "faces"
+    (flat / "a" / "b").mkdir(parents=True)
+    for i in range(len(source)):
+        folder = flat if i % 2 else flat / "a" / "b"               # any layout, no identity folders
+        Image.fromarray(source.load_uint8(i).transpose(1, 2, 0)).save(folder / f"img{i}.png")
+    result = run_stage(tmp_path, tiny_config(teacher_file, data=str(flat), labels=False, epochs=1), "flat")
+    assert result["summary"]["steps"] == 1
+    with pytest.raises(BadInputError):
+        run_stage(tmp_path, tiny_config(teacher_file, data=str(flat), labels=True, epochs=1), "flat_labelled")

@@ -60,8 +60,19 @@ def _open_training_data(config: DistillConfig):
 
     if not config.data:
         raise BadInputError("no training data given", hint="pass --data, e.g. --data synthetic or --data folder:PATH")
-    return open_dataset(config.data, input_size=config.input_size, crop=config.crop, mean=config.mean,
-                        std=config.std, skip_corrupt=config.skip_corrupt)
+    options = dict(input_size=config.input_size, crop=config.crop, mean=config.mean, std=config.std,
+                   skip_corrupt=config.skip_corrupt)
+    try:
+        return open_dataset(config.data, **options)
+    except BadInputError:
+        from shrinkcli.distill.unlabelled import UnlabelledImages, unlabelled_root
+
+        root = unlabelled_root(config.data)
+        if config.labels or root is None:
+            raise
+        # --no-labels: a plain directory of images (no identity sub-folders) is enough.
+        log.info(f"{config.data}: no labelled dataset found; using every image under {root} without labels")
+        return UnlabelledImages(root, spec=config.data, **options)
 
 
 def _open_val_pairs(config: DistillConfig):
