@@ -95,6 +95,8 @@ def test_end_to_end_lowers_distill_loss_and_writes_artifacts(tmp_path, teacher_f
     manifest = json.loads((run_dir / "manifest.json").read_text())
     teacher_inputs = [r for r in manifest["inputs"] if r["kind"] == "teacher"]
     assert teacher_inputs and len(teacher_inputs[0]["sha256"]) == 64
+    assert all({"path", "sha256"} <= set(r) for r in manifest["inputs"])
+    assert manifest["results"]["data"]["images"] == 16 and manifest["results"]["preprocess"]["input_size"] == SIZE
     kinds = {r["kind"] for r in manifest["outputs"]}
     assert {"weights", "checkpoint"} <= kinds and manifest["status"] == "completed"
     with safe_open(str(run_dir / "model.safetensors"), "pt") as handle:

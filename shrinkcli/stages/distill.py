@@ -118,15 +118,17 @@ def build_task(config: DistillConfig, teacher, teacher_sha256: str, dataset, cac
 
 
 def _record_data(run_dir: RunDir, config: DistillConfig, dataset) -> None:
-    path = Path(str(config.data).partition(":")[2] or str(config.data))
-    if path.is_file():
-        run_dir.add_input(path, "data")
-        return
-    # A spec such as synthetic:64 or a folder has no single file to hash: record what was read.
-    run_dir.manifest["inputs"] = [r for r in run_dir.manifest["inputs"] if r.get("kind") != "data"]
-    run_dir.manifest["inputs"].append({"kind": "data", "spec": str(config.data), "images": len(dataset),
-                                       "identities": int(getattr(dataset, "num_classes", 0))})
-    run_dir.save()
+    """What was trained on. Not an `add_input`: hashing a multi-GB train.rec on every run costs
+    minutes, and a spec such as synthetic:64 has no file at all; the label checksum identifies it."""
+    import hashlib
+
+    import numpy as np
+
+    labels = np.ascontiguousarray(np.asarray(getattr(dataset, "labels", []), dtype=np.int64))
+    run_dir.set_results(data={"spec": str(config.data), "images": len(dataset),
+                              "identities": int(getattr(dataset, "num_classes", 0)),
+                              "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest()},
+                        preprocess={k: getattr(config, k) for k in PREPROCESS_KEYS})
 
 
 def run(config: DistillConfig, run: RunOptions, *, resume: str | None = None) -> dict[str, Any]:
@@ -142,6 +144,7 @@ def run(config: DistillConfig, run: RunOptions, *, resume: str | None = None) ->
     if resume is not None:
         run_dir, checkpoint, config = resume_run(resume, "distill", config, run, is_main=is_main)
     teacher_artifact, teacher, meta = load_teacher(config.teacher)
+    given = config
     config = resolve_preprocess(config, meta.get("preprocess") or {}, int(teacher.input_size))
     dataset = _open_training_data(config)
     if config.labels and getattr(dataset, "num_classes", 0) < 2:
@@ -149,7 +152,9 @@ def run(config: DistillConfig, run: RunOptions, *, resume: str | None = None) ->
                             "the margin loss needs at least 2", hint="use --no-labels to learn from the teacher alone")
     val_pairs = _open_val_pairs(config)
     if resume is None:
-        run_dir = run.create("distill", config.to_dict()) if is_main else None
+        # The manifest keeps the config as given (the pipeline compares it to decide whether a stage
+        # is up to date); what the teacher filled in is in results.preprocess.
+        run_dir = run.create("distill", given.to_dict()) if is_main else None
     if run_dir is not None:
         run_dir.add_input(Artifact(teacher_artifact.path, "teacher", teacher_artifact.sha256,
                                    teacher_artifact.run_dir), "teacher")
