@@ -61,6 +61,7 @@ class Trainer:
         self.best_accuracy: float | None = None
         self.last_good: Path | None = None
         self.last_val: dict[str, Any] | None = None
+        self.throughput: list[float] = []  # img/s of each logged window (the first includes warm-up)
         self.sampler = ddp.GlobalBatchSampler(len(dataset), config.batch_size, seed=config.seed,
                                               rank=self.dist.rank, world_size=self.dist.world_size)
         self.steps_per_epoch = self.sampler.steps_per_epoch
@@ -206,6 +207,7 @@ class Trainer:
                               "img_per_s": window_images / max(now - window_start, 1e-9), "nan_skips": self.nan_skips,
                               **{k: float(v) for k, v in logs.items()}}
                     window_start, window_images = now, 0
+                    self.throughput.append(record["img_per_s"])
                     if self.is_main:
                         metrics.log_step(record)
                     progress.update(self.step, self.epoch, {k: record[k] for k in ("loss", "lr", "img_per_s")})
@@ -304,12 +306,12 @@ class Trainer:
         return result
 
     def _finish(self, metrics: MetricsFiles, last_loss: float | None, wall_s: float) -> dict[str, Any]:
-        steps = [r for r in metrics.read_steps() if "img_per_s" in r]
+        speeds = self.throughput[1:] or self.throughput
         summary = {
             "epochs": self.epoch, "steps": self.step, "final_loss": last_loss,
             "val_accuracy": (self.last_val or {}).get("accuracy"), "best_accuracy": self.best_accuracy,
             "nan_skips": self.nan_skips, "world_size": self.dist.world_size, "device": str(self.device),
-            "img_per_s": float(np.median([r["img_per_s"] for r in steps])) if steps else None,
+            "img_per_s": float(np.median(speeds)) if speeds else None,
             "wall_s": round(wall_s, 2),
         }
         if self.run is not None and self.is_main:
