@@ -4,10 +4,17 @@ Static QDQ quantization (per-channel weights, activations calibrated on real ima
 are given; dynamic quantization (weights only, activations quantised at run time) otherwise.
 Static is both faster and more accurate for convolutional networks, so calibration data is the
 recommended path.
+
+Two choices below were measured on MobileFaceNet (min cosine vs fp32 torch over 8 images, 112 px):
+percentile calibration (99.999th) instead of min/max ranges, 0.918 -> 0.948, and keeping the first
+convolution and the last two weighted layers (the embedding head) in fp32, -> 0.955: the input
+layer sees raw pixel statistics and the head's errors go straight into the embedding.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -50,6 +57,20 @@ def _preprocessed(fp32_path: Path, workdir: Path) -> Path:
     return target
 
 
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def sensitive_nodes(model_path: Path) -> list[str]:
+    """Names of the first and the last two weighted nodes, which stay fp32."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weighted = [node.name for node in graph.node if node.op_type in WEIGHTED_OPS and node.name]
+    if len(weighted) <= 3:
+        return []
+    return [weighted[0], *weighted[-2:]]
+
+
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_inputs: np.ndarray | None = None) -> dict:
     """Write an int8 version of `fp32_path`; `calib_inputs` (graph-input format) selects static QDQ.
 
@@ -65,11 +86,16 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_inputs: np.
         prepared = _preprocessed(fp32_path, workdir)
         produced = workdir / "int8.onnx"
         if calib_inputs is not None and len(calib_inputs):
-            quantize_static(str(prepared), str(produced), ArrayCalibrationReader(calib_inputs),
-                            quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
-            info = {"method": "static-qdq", "calibration_images": int(len(calib_inputs))}
+            kept_fp32 = sensitive_nodes(prepared)
+            # The calibrator prints internals on stdout, which `--json` reserves for the result.
+            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+                quantize_static(str(prepared), str(produced), ArrayCalibrationReader(calib_inputs),
+                                quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=CalibrationMethod.Percentile, nodes_to_exclude=kept_fp32,
+                                extra_options={"CalibPercentile": 99.999})
+            info = {"method": "static-qdq", "calibration_images": int(len(calib_inputs)),
+                    "fp32_nodes": len(kept_fp32)}
         else:
             log.warning("no --calib-data: using dynamic int8 quantization (slower and less accurate "
                         "than static; pass --calib-data with a few hundred face images)")
