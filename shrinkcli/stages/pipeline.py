@@ -74,6 +74,8 @@ def stage_state(run_dir: Path, config: dict[str, Any]) -> str:
     if manifest.get("status") != "completed":
         return "resumable" if (run_dir / "weights" / "last.pt").is_file() else "stale"
     for record in manifest.get("inputs", []) + manifest.get("outputs", []):
+        if not record.get("sha256") or not record.get("path"):
+            continue  # a data spec such as synthetic:64 is no file; the config already pins it
         path = Path(record["path"])
         path = path if path.is_absolute() else run_dir / path
         if not path.is_file() or sha256_file(path) != record["sha256"]:
