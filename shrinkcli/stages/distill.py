@@ -106,7 +106,7 @@ def build_task(config: DistillConfig, teacher, teacher_sha256: str, dataset, cac
         head = MarginHead(student.embedding_size, dataset.num_classes, kind=config.head, margin=config.margin,
                           scale=config.scale, sample_rate=config.sample_rate)
     request = None
-    if config.cache_teacher:
+    if config.cache_teacher and criterion.needs_teacher:
         key = cache_key(teacher_sha256=teacher_sha256, data_spec=config.data, num_items=len(dataset),
                         labels=getattr(dataset, "labels", None), input_size=config.input_size, crop=config.crop,
                         mean=config.mean, std=config.std)
@@ -131,39 +131,46 @@ def _record_data(run_dir: RunDir, config: DistillConfig, dataset) -> None:
                         preprocess={k: getattr(config, k) for k in PREPROCESS_KEYS})
 
 
+def _open_run_dir(config: DistillConfig, given: DistillConfig, options: RunOptions, resumed: RunDir | None,
+                  teacher_artifact: Artifact, dataset, is_main: bool) -> RunDir | None:
+    """The run dir (None on non-main ranks), with the teacher and the data recorded."""
+    run_dir = resumed
+    if resumed is None and is_main:
+        # The manifest keeps the config as given (the pipeline compares it to decide whether a stage
+        # is up to date); what the teacher filled in is in results.preprocess.
+        run_dir = options.create("distill", given.to_dict())
+    if run_dir is not None:
+        run_dir.add_input(Artifact(teacher_artifact.path, "teacher", teacher_artifact.sha256,
+                                   teacher_artifact.run_dir), "teacher")
+        _record_data(run_dir, config, dataset)
+    return run_dir
+
+
 def run(config: DistillConfig, run: RunOptions, *, resume: str | None = None) -> dict[str, Any]:
+    import torch
+
     from shrinkcli.distill.report import teacher_student_table
     from shrinkcli.engine import Trainer
-    from shrinkcli.models.io import save_model_safetensors
-
     from shrinkcli.engine.distributed import env_dist_info
     from shrinkcli.engine.resume import resume_run
+    from shrinkcli.models.io import save_model_safetensors
 
     is_main = env_dist_info().is_main
-    checkpoint = None
+    resumed, checkpoint = None, None
     if resume is not None:
-        run_dir, checkpoint, config = resume_run(resume, "distill", config, run, is_main=is_main)
+        resumed, checkpoint, config = resume_run(resume, "distill", config, run, is_main=is_main)
     teacher_artifact, teacher, meta = load_teacher(config.teacher)
-    given = config
-    config = resolve_preprocess(config, meta.get("preprocess") or {}, int(teacher.input_size))
+    given, config = config, resolve_preprocess(config, meta.get("preprocess") or {}, int(teacher.input_size))
     dataset = _open_training_data(config)
     if config.labels and getattr(dataset, "num_classes", 0) < 2:
         raise BadInputError(f"{config.data} has {getattr(dataset, 'num_classes', 0)} identity label(s): "
                             "the margin loss needs at least 2", hint="use --no-labels to learn from the teacher alone")
     val_pairs = _open_val_pairs(config)
-    if resume is None:
-        # The manifest keeps the config as given (the pipeline compares it to decide whether a stage
-        # is up to date); what the teacher filled in is in results.preprocess.
-        run_dir = run.create("distill", given.to_dict()) if is_main else None
-    if run_dir is not None:
-        run_dir.add_input(Artifact(teacher_artifact.path, "teacher", teacher_artifact.sha256,
-                                   teacher_artifact.run_dir), "teacher")
-        _record_data(run_dir, config, dataset)
-    cache_dir = run_dir.path / "teacher_cache" if run_dir is not None else None
-    import torch
+    run_dir = _open_run_dir(config, given, run, resumed, teacher_artifact, dataset, is_main)
 
     torch.manual_seed(config.seed)      # student, adapters and head start the same for a given seed
-    task = build_task(config, teacher, teacher_artifact.sha256, dataset, cache_dir)
+    task = build_task(config, teacher, teacher_artifact.sha256, dataset,
+                      run_dir.path / "teacher_cache" if run_dir is not None else None)
     trainer = Trainer(config, run_dir, task, dataset, val_pairs)
     try:
         summary = trainer.fit(resume=checkpoint)
@@ -173,10 +180,9 @@ def run(config: DistillConfig, run: RunOptions, *, resume: str | None = None) ->
         raise
     if run_dir is None:
         return {"summary": summary}
-    preprocess = dict(trainer.preprocess)
-    weights = save_model_safetensors(task.student, run_dir.file("model.safetensors"), preprocess,
-                                     extra={"teacher_sha256": teacher_artifact.sha256,
-                                            "teacher_arch": meta["arch"]})
+
+    weights = save_model_safetensors(task.student, run_dir.file("model.safetensors"), dict(trainer.preprocess),
+                                     extra={"teacher_sha256": teacher_artifact.sha256, "teacher_arch": meta["arch"]})
     run_dir.add_output(weights, "weights")
     result: dict[str, Any] = {"summary": {**summary, "run_dir": str(run_dir.path), "weights": str(weights),
                                           "teacher": str(teacher_artifact.path),
@@ -184,8 +190,7 @@ def run(config: DistillConfig, run: RunOptions, *, resume: str | None = None) ->
                                           "cached_teacher": task.cache is not None}}
     if val_pairs is not None:
         rows = teacher_student_table(teacher, task.student, val_pairs, mean=config.mean, std=config.std,
-                                     device=trainer.device, channels_last=config.channels_last,
-                                     nfolds=10)
+                                     device=trainer.device, channels_last=config.channels_last)
         result["tables"] = {"verification: teacher vs student": rows}
         run_dir.set_results(verification=rows)
     run_dir.set_results(weights=str(weights), teacher_sha256=teacher_artifact.sha256,
