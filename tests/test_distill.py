@@ -246,3 +246,16 @@ def test_no_labels_accepts_a_plain_folder_of_images(tmp_path, teacher_file):
     assert result["summary"]["steps"] == 1
     with pytest.raises(BadInputError):
         run_stage(tmp_path, tiny_config(teacher_file, data=str(flat), labels=True, epochs=1), "flat_labelled")
+
+
+def test_margin_only_baseline_never_runs_the_teacher(teacher_file):
+    from shrinkcli.losses.margin import MarginHead
+
+    teacher, _ = load_model(teacher_file)
+    student = create_model("mobilefacenet", embedding_size=32, input_size=SIZE, width=0.25)
+    criterion = DistillCriterion(student_channels=student.stage_channels, teacher_channels=teacher.stage_channels,
+                                 student_embedding=32, teacher_embedding=32, embed_loss="none", stage_loss="none")
+    task = DistillTask(student=student, teacher=teacher, criterion=criterion,
+                       head=MarginHead(32, 2, kind="cosface", scale=16.0))
+    loss, logs = task.loss(torch.randn(2, 3, SIZE, SIZE), torch.tensor([0, 1]), torch.arange(2), None)
+    assert task.teacher_steps == 0 and torch.isfinite(loss) and logs["distill"].item() == 0.0

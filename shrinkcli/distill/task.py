@@ -122,7 +122,9 @@ class DistillTask:
     def loss(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
              flipped: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:
         needs_stages = self.criterion.needs_teacher_stages
-        if self.cache is not None and (self.cache.has_stages or not needs_stages):
+        if not self.criterion.needs_teacher:
+            t_stages, t_emb = None, None
+        elif self.cache is not None and (self.cache.has_stages or not needs_stages):
             t_stages, t_emb = self.cache.lookup(indices, flipped, device=images.device, with_stages=needs_stages)
         else:
             t_stages, t_emb = self.teacher_outputs(images)

@@ -125,6 +125,11 @@ class DistillCriterion(torch.nn.Module):
     def needs_teacher_stages(self) -> bool:
         return bool(self.active_stages)
 
+    @property
+    def needs_teacher(self) -> bool:
+        """False for a margin-only baseline: then no teacher forward is spent at all."""
+        return self.embed_active or bool(self.active_stages)
+
     def forward(self, student_stages: list[torch.Tensor], student_embedding: torch.Tensor,
                 teacher_stages: list[torch.Tensor] | None, teacher_embedding: torch.Tensor | None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
