@@ -13,12 +13,25 @@ EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
 
+_WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"
+
+
+def _strip_worker_traceback(message: str) -> str:
+    """torch's DataLoader re-raises a worker's exception as `type(exc)(<the worker's traceback>)`;
+    keep only the original one-line message, the traceback's last line after `module.Class: `."""
+    if _WORKER_TRACEBACK not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 class ShrinkError(Exception):
     """Base class: a problem the user can act on. `exit_code` is what the CLI returns."""
 
     exit_code = EXIT_BAD_INPUT
 
     def __init__(self, message: str, *, hint: str | None = None):
+        message = _strip_worker_traceback(message)
         super().__init__(message)
         self.message = message
         self.hint = hint

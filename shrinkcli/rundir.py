@@ -136,8 +136,8 @@ class RunDir:
                                     hint="pass --exist-ok to reuse it or choose another --name")
             else:
                 path.mkdir(parents=True, exist_ok=True)
-        except PermissionError as exc:
-            raise BadInputError(f"cannot create run dir under {root}: permission denied",
+        except OSError as exc:  # permission denied, a file in the way, a read-only or full disk
+            raise BadInputError(f"cannot create run dir under {path or root}: {exc.strerror or exc}",
                                 hint="choose a writable --project/--run-dir") from exc
         run = cls(path, stage, config)
         run.save()
