@@ -275,7 +275,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BadInputError(f"recipe {path} is not valid TOML: {exc}") from exc
-    allowed = set(STAGE_CONFIGS) | {"common", "recipe", "pipeline"}
+    allowed = set(STAGE_CONFIGS) | {"common", "recipe", "pipeline", "experiment"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise BadInputError(f"recipe {path}: unknown table(s) {', '.join(unknown)}",

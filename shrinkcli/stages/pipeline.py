@@ -41,7 +41,7 @@ def apply_recipe_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict
     for item in overrides:
         key, sep, value = item.partition("=")
         table, dot, field = key.strip().partition(".")
-        if not sep or not dot or table not in (*STAGES, "common", "pipeline"):
+        if not sep or not dot or table not in (*STAGES, "common", "pipeline", "experiment"):
             raise BadInputError(f"pipeline override {item!r} must look like STAGE.KEY=VALUE",
                                 hint=f"STAGE is one of {', '.join((*STAGES, 'common'))}")
         recipe.setdefault(table, {})[field.replace("-", "_")] = _parse_value(value.strip())
@@ -110,6 +110,10 @@ def run(recipe_path: str | Path | None, overrides: list[str], options: RunOption
     recipe = apply_recipe_overrides(load_recipe(recipe_path), overrides)
     name = options.name or recipe.get("pipeline", {}).get("name") or recipe_path.stem
     parent = Path(options.run_dir) if options.run_dir else Path(options.project) / "pipeline" / name
+    if "experiment" in recipe:
+        from shrinkcli.stages import experiment
+
+        return experiment.run(recipe, parent, options)
     configs = _stage_configs(recipe, parent)
     parent_run = RunDir.create("pipeline", run_dir=parent, exist_ok=True,
                                config={"recipe": str(recipe_path), "overrides": overrides,

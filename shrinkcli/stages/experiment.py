@@ -1,0 +1,145 @@
+"""Seeded variant studies: one teacher, several distillation variants x seeds, paired statistics.
+
+Run by `shrink pipeline RECIPE` when the recipe has an `[experiment]` table:
+
+    [experiment]
+    seeds = [0, 1, 2]
+    baseline = "baseline"            # the variant every other one is compared with
+    pairs = "lfw-half:../shared/data/lfw"
+    [experiment.variants.baseline]   # keys override [distill] for this variant
+    embed_loss = "none"
+    stage_loss = "none"
+
+Every run lives in `<parent>/teacher` and `<parent>/distill-<variant>-s<seed>`, is skipped when up to
+date and resumed when interrupted, so the study can be stopped and restarted at any time. Each
+model is scored on the same pairs with its own cross-validated thresholds; a variant's gain over
+the baseline gets a 95% paired-bootstrap CI over pairs (seed-group mean correctness per pair).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from shrinkcli import log
+from shrinkcli.atomic import atomic_write_json, atomic_write_text
+from shrinkcli.errors import BadInputError
+from shrinkcli.rundir import RunDir, RunOptions, load_manifest
+
+
+def _plan(recipe: dict[str, Any]) -> tuple[list[int], str, str, dict[str, dict[str, Any]]]:
+    spec = recipe["experiment"]
+    unknown = sorted(set(spec) - {"seeds", "baseline", "pairs", "variants", "bootstrap"})
+    if unknown:
+        raise BadInputError(f"recipe [experiment]: unknown key(s) {', '.join(unknown)}",
+                            hint="valid keys: seeds, baseline, pairs, variants, bootstrap")
+    variants = spec.get("variants") or {}
+    baseline = spec.get("baseline", "baseline")
+    if baseline not in variants:
+        raise BadInputError(f"recipe [experiment]: baseline variant {baseline!r} is not in [experiment.variants]")
+    if not spec.get("pairs"):
+        raise BadInputError("recipe [experiment]: no pairs to evaluate on", hint='e.g. pairs = "lfw-half:ROOT"')
+    seeds = [int(s) for s in spec.get("seeds", [0])]
+    return seeds, baseline, str(spec["pairs"]), variants
+
+
+def _train(stage: str, config: Any, run_dir: Path, options: RunOptions) -> tuple[str, float]:
+    from shrinkcli.stages import pipeline
+
+    state = pipeline.stage_state(run_dir, config.to_dict())
+    if state == "done":
+        return "skipped (up to date)", float(load_manifest(run_dir).get("results", {}).get("wall_s") or 0.0)
+    if state == "stale":
+        shutil.rmtree(run_dir)
+    resume = str(run_dir) if state == "resumable" else None
+    log.info(f"[{run_dir.name}] {'resuming' if resume else 'running'}")
+    started = time.perf_counter()
+    module = __import__(f"shrinkcli.stages.{stage}", fromlist=["run"])
+    module.run(config, RunOptions(project=options.project, run_dir=str(run_dir), exist_ok=True), resume=resume)
+    return ("resumed" if resume else "ran"), round(time.perf_counter() - started, 1)
+
+
+def _score(run_dir: Path, pairs_spec: str, cache: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy and per-pair correctness of a run's model, memoised by the model's sha256."""
+    import numpy as np
+
+    from shrinkcli.data import load_pairs
+    from shrinkcli.evaluate.runners import open_runner
+    from shrinkcli.evaluate.verification import evaluate_pairs
+
+    runner = open_runner(str(run_dir))
+    key = f"{runner.sha256}:{pairs_spec}"
+    if key not in cache:
+        pairs = load_pairs(pairs_spec, input_size=runner.input_size, crop=runner.crop)
+        result = evaluate_pairs(runner.embed(pairs.images), pairs, details=True)
+        cache[key] = {"accuracy": result["accuracy"], "accuracy_std": result["accuracy_std"],
+                      "correct": np.asarray(result["correct"], dtype=np.uint8).tolist()}
+    return cache[key]
+
+
+def run(recipe: dict[str, Any], parent: Path, options: RunOptions) -> dict[str, Any]:
+    import numpy as np
+
+    from shrinkcli.config import stage_config_from_recipe
+    from shrinkcli.evaluate.bootstrap import paired_bootstrap
+
+    seeds, baseline, pairs_spec, variants = _plan(recipe)
+    resamples = int(recipe["experiment"].get("bootstrap", 2000))
+    parent_run = RunDir.create("experiment", run_dir=parent, exist_ok=True, config=recipe)
+    cache_path = parent / "scores.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    teacher_dir = parent / "teacher"
+    action, seconds = _train("teacher", stage_config_from_recipe(recipe, "teacher"), teacher_dir, options)
+    rows = [{"run": "teacher", "action": action, "seconds": seconds}]
+    teacher = _score(teacher_dir, pairs_spec, cache)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for name, changes in variants.items():
+        for seed in seeds:
+            table = {**recipe.get("distill", {}), **changes, "seed": seed}
+            config = stage_config_from_recipe({**recipe, "distill": table}, "distill", f"variant {name}")
+            config = config.replace("experiment", teacher=str(teacher_dir))
+            run_dir = parent / f"distill-{name}-s{seed}"
+            action, seconds = _train("distill", config, run_dir, options)
+            rows.append({"run": run_dir.name, "action": action, "seconds": seconds})
+            groups.setdefault(name, []).append({**_score(run_dir, pairs_spec, cache), "seconds": seconds})
+            atomic_write_json(cache_path, cache)
+    atomic_write_json(cache_path, cache)
+    base_correct = np.mean([m["correct"] for m in groups[baseline]], axis=0)
+    base_mean = float(np.mean([m["accuracy"] for m in groups[baseline]]))
+    table = [{"model": "teacher", "accuracy_mean": teacher["accuracy"], "accuracy_sd": 0.0, "seeds": 1,
+              "gain_pt": None, "ci95_pt": None, "gap_closed": None, "wall_s": rows[0]["seconds"]}]
+    for name, members in groups.items():
+        accuracies = [m["accuracy"] for m in members]
+        row = {"model": name, "accuracy_mean": float(np.mean(accuracies)),
+               "accuracy_sd": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
+               "seeds": len(members), "gain_pt": None, "ci95_pt": None, "gap_closed": None,
+               "wall_s": float(np.mean([m["seconds"] for m in members]))}
+        if name != baseline:
+            stats = paired_bootstrap(base_correct, np.mean([m["correct"] for m in members], axis=0),
+                                     resamples=resamples, seed=0)
+            row["gain_pt"] = round(100 * stats["difference"], 2)
+            row["ci95_pt"] = f"{100 * stats['ci_low']:.2f} .. {100 * stats['ci_high']:.2f}"
+            gap = teacher["accuracy"] - base_mean
+            row["gap_closed"] = round((row["accuracy_mean"] - base_mean) / gap, 3) if gap > 0 else None
+        table.append(row)
+    atomic_write_text(parent / "results.md", _markdown(table, pairs_spec, seeds, baseline))
+    parent_run.add_output(parent / "results.md", "report-md")
+    parent_run.set_results(runs=rows, table=table)
+    parent_run.finish()
+    return {"run_dir": str(parent), "tables": {"runs": rows, f"accuracy on {pairs_spec}": table},
+            "summary": {"run_dir": str(parent), "results": str(parent / "results.md")}}
+
+
+def _markdown(table: list[dict[str, Any]], pairs_spec: str, seeds: list[int], baseline: str) -> str:
+    lines = [f"Pairs: `{pairs_spec}`; seeds {seeds}; gains are over `{baseline}` with a 95% paired-bootstrap CI.",
+             "", "| model | accuracy (mean +- sd) | seeds | gain (pt) | 95% CI (pt) | gap closed | wall s/run |",
+             "|---|---|---|---|---|---|---|"]
+    for r in table:
+        gain = "" if r["gain_pt"] is None else f"{r['gain_pt']:+.2f}"
+        closed = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
+        lines.append(f"| {r['model']} | {100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_sd']:.2f} | {r['seeds']} "
+                     f"| {gain} | {r['ci95_pt'] or ''} | {closed} | {r['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
