@@ -103,7 +103,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
-        raise BadInputError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}",
+        # torch's messages span many lines; the error must stay one line, naming a refused global
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        refused = next((line for line in lines if "GLOBAL" in line), None)
+        if refused:
+            raise BadInputError(f"{path} refused: it holds pickled objects other than tensors ({refused})",
+                                hint="it may be malicious; resume only from weights/last.pt written by shrink") from exc
+        raise BadInputError(f"cannot read checkpoint {path}: {type(exc).__name__}: {lines[0] if lines else ''}",
                             hint="the file is corrupt or not a shrink training checkpoint") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise BadInputError(f"{path} is not a shrink training checkpoint (no full training state)",
