@@ -9,6 +9,7 @@ fraction, and the `lfw-half` open-set preset (train on fold 0-4 identities, test
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,11 @@ def parse_pairs_file(path: str | os.PathLike) -> list[PairLine]:
         numbers = [int(value) for value in header]
     except ValueError:
         raise BadInputError(f"pairs file {path}: header {' '.join(header)!r} is not `FOLDS PER_FOLD` or `N`") from None
+    # checked before the layout is built: a hostile header must not allocate billions of entries
+    promised = 2 * math.prod(numbers)
+    if len(numbers) in (1, 2) and min(numbers) >= 0 and promised != len(body):
+        raise BadInputError(f"pairs file {path}: header promises {promised} pair lines, found {len(body)}",
+                            hint="the file is truncated or the header is wrong")
     if len(numbers) == 2:
         folds, per_fold = numbers
         layout = [(fold, same) for fold in range(folds) for same in (True, False) for _ in range(per_fold)]
