@@ -69,5 +69,5 @@ def _round(value: float | None) -> float | None:
     if value is None:
         return None
     magnitude = abs(value)
-    digits = 3 if magnitude < 10 else (1 if magnitude < 1000 else 0)
+    digits = 4 if magnitude < 10 else (1 if magnitude < 1000 else 0)
     return round(float(value), digits)

@@ -1,0 +1,52 @@
+"""Smoke test of the benchmark harness (--quick): rows carry the right fields, Markdown is written.
+No timing is asserted: speeds depend on the machine and its load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shrinkcli.bench.timing import ROW_FIELDS, interleaved_rates, ratio_row
+from shrinkcli.errors import BadInputError
+from shrinkcli.stages import bench
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny tensors on a shared box: one thread avoids oversubscription stalls
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_interleaved_rates_runs_every_workload_in_rotating_order():
+    calls = []
+    rates = interleaved_rates({"a": lambda: calls.append("a") or 2, "b": lambda: calls.append("b") or 3},
+                              repeats=2, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a"]
+    assert set(rates) == {"a", "b"} and all(rate > 0 for rate in rates.values())
+
+
+def test_ratio_row_pass_and_fail():
+    assert ratio_row("s", "m", a="A", a_value=1, b="B", b_value=2, unit="x", ratio=2.0, target=1.5)["pass"] == "pass"
+    row = ratio_row("s", "m", a="A", a_value=1, b="B", b_value=2, unit="x", ratio=0.2, target=0.1, higher_is_better=False)
+    assert row["pass"] == "FAIL" and row["target"] == "<= 0.1"
+
+
+@pytest.mark.parametrize("suite", ["distill", "int8"])
+def test_quick_suite_writes_rows_and_markdown(tmp_path, suite):
+    output = tmp_path / "bench.md"
+    result = bench.run(suite=suite, output=str(output), quick=True)
+    rows = result["rows"]
+    assert rows and all(tuple(row) == ROW_FIELDS for row in rows)
+    assert all(row["suite"] == suite and row["pass"] in ("pass", "FAIL", "info") for row in rows)
+    assert any(row["ratio"] is not None and row["a_value"] > 0 and row["b_value"] > 0 for row in rows)
+    text = output.read_text()
+    assert f"shrink bench {suite} --quick --output {output}" in text
+    assert "torch" in text and "onnxruntime" in text and "| suite | measure |" in text
+    assert text.count("\n| " + suite + " |") == len(rows)
+
+
+def test_unknown_suite_is_bad_input():
+    with pytest.raises(BadInputError):
+        bench.run(suite="nope")
