@@ -257,3 +257,22 @@ def test_frozen_modules_are_moved_eval_and_never_trained_or_saved(tmp_path):
     optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert not optimised & {id(p) for p in task.teacher.parameters()}
     assert "teacher" not in load_checkpoint(run.path / "weights" / "last.pt")["modules"]
+
+
+def test_skipped_step_leaves_batchnorm_statistics_untouched(tmp_path):
+    task = ToyTask(nan_at_steps={3})
+    seen = {}
+    original_loss = task.loss
+
+    def loss_with_poisoned_batch(images, labels, indices, flipped):
+        if task.calls + 1 == 3:  # the non-finite step: record BN stats before its forward pass
+            seen["before"] = task.backbone.bn.running_mean.clone()
+            images = images * float("nan")
+        return original_loss(images, labels, indices, flipped)
+
+    task.loss = loss_with_poisoned_batch
+    run = make_run(tmp_path)
+    result = Trainer(toy_config(epochs=1, nan_policy="skip", save_every_steps=1), run, task, ToyFaces()).fit()
+    assert result["nan_skips"] == 1 and "before" in seen
+    state = load_checkpoint(run.path / "weights" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

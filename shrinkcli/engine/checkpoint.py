@@ -58,7 +58,9 @@ def restore_rng(rng: dict[str, Any]) -> None:
 
 
 def all_finite(modules: dict[str, torch.nn.Module]) -> bool:
-    return all(bool(torch.isfinite(p).all()) for m in modules.values() for p in m.parameters())
+    """Parameters and floating buffers (BatchNorm running stats) all finite."""
+    tensors = [t for m in modules.values() for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def build_state(trainer) -> dict[str, Any]:

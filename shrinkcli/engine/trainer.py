@@ -70,6 +70,7 @@ class Trainer:
                                 f"({self.sampler.global_batch})", hint="lower --batch-size or add data")
         self._prepare_modules()
         self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        self.float_buffers = [b for m in self.modules.values() for b in m.buffers() if b.is_floating_point()]
         self.optimizer = build_optimizer(config, self.modules.values())
         self.schedule = LRSchedule.from_config(self.optimizer, config, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
@@ -230,6 +231,9 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
+        # A step that turns out non-finite must leave no trace: its forward pass already updated
+        # BatchNorm running stats in train mode, so keep a copy to put back (skip policy only).
+        buffers = ([b.detach().clone() for b in self.float_buffers] if self.config.nan_policy == "skip" else None)
         with self._autocast():
             loss, logs = self.task.loss(images, labels, indices, flipped)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -245,6 +249,9 @@ class Trainer:
         loss_value, any_bad = float(stats[0]), bool(stats[1] > 0)
         if any_bad:
             self._handle_non_finite(loss_value)
+            with torch.no_grad():
+                for buf, saved in zip(self.float_buffers, buffers or []):
+                    buf.copy_(saved)
         elif self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
