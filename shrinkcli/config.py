@@ -8,6 +8,7 @@ with the key and the place named.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -172,8 +173,8 @@ class TrainConfig(Config):
         for key in ("epochs", "batch_size"):
             if getattr(self, key) <= 0:
                 raise BadInputError(f"{key}={getattr(self, key)} must be > 0")
-        if self.lr <= 0:
-            raise BadInputError(f"lr={self.lr} must be > 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise BadInputError(f"lr={self.lr} must be a finite number > 0")
         if self.std == 0:
             raise BadInputError("std must not be 0")
 
