@@ -50,3 +50,15 @@ def test_quick_suite_writes_rows_and_markdown(tmp_path, suite):
 def test_unknown_suite_is_bad_input():
     with pytest.raises(BadInputError):
         bench.run(suite="nope")
+
+
+def test_peak_rss_is_the_childs_own_not_the_parents():
+    import sys
+
+    from shrinkcli.bench.memory import peak_rss
+
+    ballast = bytearray(400 * 2**20)   # the parent is big; a forked child would inherit this high-water mark
+    small, _, code = peak_rss([sys.executable, "-c", "pass"])
+    big, _, _ = peak_rss([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"])
+    assert code == 0 and small < 200 and big > 300
+    del ballast

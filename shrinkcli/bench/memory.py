@@ -2,17 +2,16 @@
 
 Each stage runs as its own `python -m shrinkcli ...` process (teacher -> distill -> export ->
 verify, synthetic data, 64 px) and its peak RSS is read from the kernel's rusage of that child
-(`os.wait4`, `ru_maxrss`), so one stage's allocations never hide in another's. A bare
+(`os.wait4`, `ru_maxrss`, read by a small launcher process so the benchmark's own memory does
+not leak into the figure), so one stage's allocations never hide in another's. A bare
 `import torch` process is measured the same way as the floor every stage starts from.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,28 @@ from shrinkcli.bench.timing import info_row
 SUITE = "memory"
 
 
+# A fresh, small process forks and execs the stage and reports its rusage. Forking the stage straight
+# from this (large) benchmark process would not do: the child's ru_maxrss keeps the high-water mark of
+# the address space it was forked with, i.e. this process's memory.
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+started = time.perf_counter()
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(json.dumps({"maxrss_kib": usage.ru_maxrss, "seconds": time.perf_counter() - started,
+                  "code": os.waitstatus_to_exitcode(status)}))
+"""
+
+
 def peak_rss(command: list[str]) -> tuple[float, float, int]:
-    """(peak RSS MiB, wall seconds, exit code) of one child process."""
-    started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.stderr is not None:
-        child.stderr.close()
-    return usage.ru_maxrss / 1024.0, time.perf_counter() - started, child.returncode
+    """(peak RSS MiB, wall seconds, exit code) of one child process (Linux: ru_maxrss in KiB)."""
+    import json
+
+    launched = subprocess.run([sys.executable, "-c", _LAUNCHER, *command], capture_output=True, text=True, check=False)
+    if launched.returncode != 0 or not launched.stdout.strip():
+        return float("nan"), float("nan"), launched.returncode or 1
+    report = json.loads(launched.stdout.strip().splitlines()[-1])
+    return report["maxrss_kib"] / 1024.0, report["seconds"], int(report["code"])
 
 
 def stage_commands(root: Path, quick: bool) -> dict[str, list[str]]:
