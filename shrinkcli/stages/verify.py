@@ -83,19 +83,19 @@ class PairsCache:
         return self.loaded[key]
 
 
-def _accuracy(runner, pairs, config: VerifyConfig) -> dict[str, Any]:
+def _accuracy(runner, pairs, config: VerifyConfig, role: str = "model") -> dict[str, Any]:
     from shrinkcli.evaluate.verification import evaluate_pairs
 
     emb = runner.embed(pairs.images, batch_size=config.batch_size, flip=config.flip)
     result = evaluate_pairs(emb, pairs, nfolds=config.folds, details=True)
     for array_key in ("correct", "distances"):
         result.pop(array_key)
-    log.info(f"{runner.path.name}: accuracy {100 * result['accuracy']:.2f} +- {100 * result['accuracy_std']:.2f} "
+    log.info(f"{role} ({runner.path.name}): accuracy {100 * result['accuracy']:.2f} +- {100 * result['accuracy_std']:.2f} "
              f"on {result['pairs']} pairs")
     return result
 
 
-def _identification(runner, config: VerifyConfig, crop) -> dict[str, Any]:
+def _identification(runner, config: VerifyConfig, crop, role: str = "model") -> dict[str, Any]:
     import numpy as np
 
     from shrinkcli.evaluate.identification import rank1_from_labelled
@@ -112,7 +112,7 @@ def _identification(runner, config: VerifyConfig, crop) -> dict[str, Any]:
         distractor_set = open_labelled(config.distractors, input_size=runner.input_size, crop=crop)
         distractors = embedded_chunks(runner, distractor_set, **chunks)
     result = rank1_from_labelled(emb, dataset.labels, distractors)
-    log.info(f"{runner.path.name}: rank-1 {100 * result['rank1']:.2f}% ({result['probes']} probes)")
+    log.info(f"{role} ({runner.path.name}): rank-1 {100 * result['rank1']:.2f}% ({result['probes']} probes)")
     return result
 
 
@@ -209,7 +209,7 @@ def _verify(config: VerifyConfig, out: RunDir, model, reference, teacher, cache:
             if "pairs" not in report:
                 report["pairs"] = {"spec": config.pairs, "pairs": len(pairs), "source": pairs.source}
                 _record_pairs(out, config.pairs)
-            result = _accuracy(runner, pairs, config)
+            result = _accuracy(runner, pairs, config, role)
             curves[f"{role}: {runner.path.name}"] = result.pop("roc")
             report["accuracy"][role] = result
         report["pairs"].update(folds=report["accuracy"]["model"]["folds"],
@@ -217,7 +217,7 @@ def _verify(config: VerifyConfig, out: RunDir, model, reference, teacher, cache:
         if teacher is not None:
             report["gap"] = report["accuracy"]["teacher"]["accuracy"] - report["accuracy"]["model"]["accuracy"]
     if config.data and config.identification:
-        report["identification"] = {role: _identification(runner, config, _crop_for(runner, config))
+        report["identification"] = {role: _identification(runner, config, _crop_for(runner, config), role)
                                     for role, runner in (("model", model), ("teacher", teacher)) if runner}
     report["gates"] = _gates(report, config)
     rows = [model_row("model", report["model"], (report.get("accuracy") or {}).get("model"), None)]
