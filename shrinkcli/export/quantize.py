@@ -91,7 +91,9 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_inputs: np.
             with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
                 quantize_static(str(prepared), str(produced), ArrayCalibrationReader(calib_inputs),
                                 quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                # uint8 activations: onnxruntime's x86 kernels then run the depthwise
+                                # convs in int8 too (with int8 activations they stay fp32; measured 1.17x).
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.Percentile, nodes_to_exclude=kept_fp32,
                                 extra_options={"CalibPercentile": 99.999})
             info = {"method": "static-qdq", "calibration_images": int(len(calib_inputs)),
