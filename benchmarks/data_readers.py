@@ -13,27 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _materialise(root: Path, identities: int, per_identity: int) -> dict[str, str]:
-    import datasets
-
-    from shrinkcli.data import open_dataset
-    from shrinkcli.stages import data_tools
-
-    source = open_dataset(f"synthetic:{identities}:{per_identity}:0", input_size=None)
-    folder = root / "folder"
-    images, labels = [], []
-    for index in range(len(source)):
-        target = folder / f"id{source.labels[index]:05d}" / f"{index:06d}.jpg"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        source.pil_image(index).save(target, quality=95)
-        images.append({"bytes": target.read_bytes(), "path": None})
-        labels.append(int(source.labels[index]))
-    data_tools.run("pack", data=f"folder:{folder}", output=str(root / "rec"), image_format="jpg")
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
-    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(root / "hf"))
-    return {"folder": f"folder:{folder}", "rec": f"rec:{root / 'rec'}", "hf": f"hf:{root / 'hf'}",
-            "synthetic": f"synthetic:{identities}:{per_identity}:0"}
+from shrinkcli.bench.data import materialise
 
 
 def measure(spec: str, workers: int, batch_size: int = 64) -> float:
@@ -56,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     per_identity = 8
     with tempfile.TemporaryDirectory() as tmp:
-        specs = _materialise(Path(tmp), max(1, args.images // per_identity), per_identity)
+        specs = materialise(Path(tmp), max(1, args.images // per_identity), per_identity)
         if args.folder:
             specs["folder (real)"] = f"folder:{args.folder}"
         print("| reader | workers | images/s at 112x112 |")
