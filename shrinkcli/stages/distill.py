@@ -172,12 +172,7 @@ def run(config: DistillConfig, run: RunOptions, *, resume: str | None = None) ->
     task = build_task(config, teacher, teacher_artifact.sha256, dataset,
                       run_dir.path / "teacher_cache" if run_dir is not None else None)
     trainer = Trainer(config, run_dir, task, dataset, val_pairs)
-    try:
-        summary = trainer.fit(resume=checkpoint)
-    except KeyboardInterrupt:
-        if run_dir is not None:
-            run_dir.finish("interrupted")
-        raise
+    summary = trainer.fit(resume=checkpoint)  # marks the manifest interrupted/failed itself
     if run_dir is None:
         return {"summary": summary}
 

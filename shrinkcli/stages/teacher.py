@@ -112,12 +112,7 @@ def train_teacher(config: TeacherConfig, run: RunOptions, *, resume: str | None 
     log.info(f"teacher {config.arch}: {params / 1e6:.2f}M params, {config.head} head over {num_classes} identities"
              f" ({head.num_sampled} sampled per step), {len(dataset)} images")
     trainer = Trainer(config, run_dir, MarginTask(backbone, head), dataset, val_pairs)
-    try:
-        summary = trainer.fit(resume=checkpoint)
-    except KeyboardInterrupt:
-        if run_dir is not None:
-            run_dir.finish("interrupted")
-        raise
+    summary = trainer.fit(resume=checkpoint)  # marks the manifest interrupted/failed itself
     if run_dir is None:
         return {"summary": summary}
     backbone.eval()
