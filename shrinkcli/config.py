@@ -253,6 +253,8 @@ class VerifyConfig(Config):
     parity_images: int = 64
     batch_size: int = 64
     distractors: Optional[str] = None
+    ijb: Optional[str] = None            # IJB-B/C root: meta files + images/ (1:1 template verification)
+    megaface: bool = False              # MegaFace rank-1 of --data probes against `distractors`
     identification: bool = True         # rank-1 on --data when it is a labelled set
     latency_seconds: float = 1.0        # time budget per latency measurement (0: skip)
     flip: bool = True                   # add the horizontally flipped image's embedding

@@ -159,6 +159,10 @@ def _check_request(config: VerifyConfig) -> None:
         raise BadInputError("--max-gap needs --teacher and --pairs")
     if config.distractors and not config.data:
         raise BadInputError("distractors are added to the gallery of --data: pass --data too")
+    if config.megaface and not (config.data and config.distractors):
+        raise BadInputError("megaface needs probes (--data) and a distractor set (--set distractors=SPEC)")
+    if config.ijb and not Path(config.ijb).is_dir():
+        raise BadInputError(f"IJB root {config.ijb} is not a directory", hint="pass the folder with the meta files")
 
 
 def run(config: VerifyConfig, options: RunOptions) -> dict[str, Any]:
@@ -219,6 +223,7 @@ def _verify(config: VerifyConfig, out: RunDir, model, reference, teacher, cache:
     if config.data and config.identification:
         report["identification"] = {role: _identification(runner, config, _crop_for(runner, config), role)
                                     for role, runner in (("model", model), ("teacher", teacher)) if runner}
+    _large_protocols(report, config, model, teacher)
     report["gates"] = _gates(report, config)
     rows = [model_row("model", report["model"], (report.get("accuracy") or {}).get("model"), None)]
     if teacher is not None:
@@ -231,6 +236,22 @@ def _verify(config: VerifyConfig, out: RunDir, model, reference, teacher, cache:
     if curves:
         out.add_output(write_roc_plot(out.path / "roc.png", curves), "roc-plot")
     return _finish(out, report, rows)
+
+
+def _large_protocols(report: dict[str, Any], config: VerifyConfig, model, teacher) -> None:
+    from shrinkcli.evaluate.protocols import run_ijb, run_megaface
+
+    runners = [(role, runner) for role, runner in (("model", model), ("teacher", teacher)) if runner]
+    options = dict(batch_size=config.batch_size, flip=config.flip)
+    if config.ijb:
+        report["ijb"] = {role: run_ijb(r, config.ijb, crop=_crop_for(r, config), **options) for role, r in runners}
+        for role, result in report["ijb"].items():
+            log.info(f"{role}: IJB TAR@FAR " + ", ".join(f"{k}={v:.4f}" for k, v in result["tar_at_far"].items()))
+    if config.megaface:
+        report["megaface"] = {role: run_megaface(r, config.data, config.distractors, crop=_crop_for(r, config),
+                                                 **options) for role, r in runners}
+        for role, result in report["megaface"].items():
+            log.info(f"{role}: MegaFace rank-1 {100 * result['rank1']:.2f}% against {result['distractors']} distractors")
 
 
 def _finish(out: RunDir, report: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
