@@ -105,7 +105,7 @@ def verify(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher to compare accuracy with (enables --max-gap)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Images for parity and identification (a data spec)."),
     pairs: Optional[str] = typer.Option(None, "--pairs", help="Verification pairs: .bin pack, lfw:ROOT, a pairs.txt with --data, or pairs:N to build from --data."),
-    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Parity gate (default 0.9999 fp32, 0.999 fp16, 0.99 int8)."),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Parity gate (default 0.9999 fp32, 0.999 fp16, 0.98 int8)."),
     max_abs_diff: Optional[float] = typer.Option(None, "--max-abs-diff", help="Parity gate on the largest element difference."),
     min_accuracy: Optional[float] = typer.Option(None, "--min-accuracy", help="Gate on verification accuracy (0..1)."),
     max_gap: Optional[float] = typer.Option(None, "--max-gap", help="Gate on teacher minus student accuracy (0..1)."),

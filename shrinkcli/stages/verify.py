@@ -17,7 +17,7 @@ from shrinkcli.errors import BadInputError, GateFailedError
 from shrinkcli.rundir import RunDir, RunOptions
 
 # Parity gates per weight dtype: fp16 and int8 round weights and activations by design.
-DEFAULT_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}
+DEFAULT_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98}  # int8 as the export check
 
 
 def _reference_from_run(source: str) -> str | None:
