@@ -114,7 +114,7 @@ def run(quick: bool = False, **_: Any) -> dict[str, Any]:
         embeddings = {name: s.run(None, {s.get_inputs()[0].name: batch})[0] for name, s in sessions.items()}
         shipped_ops, fp32_ops = op_counts(int8), op_counts(fp32)
         variant_ops = {name: op_counts(path) for name, path in variants.items()}
-    detail = (f"mobilefacenet {input_size} px, batch {batch_size}, {info['method']} (s8s8, per-channel, "
+    detail = (f"mobilefacenet {input_size} px, batch {batch_size}, {info['method']} (u8s8, per-channel, "
               f"percentile calibration on {calib_count} {source} images, first conv + head fp32), {run_threads_note()}")
     cos = cosines(embeddings["fp32"], embeddings["int8"])
     rows = [ratio_row(SUITE, "int8 vs fp32 student (onnxruntime, speed-up)", a="fp32 onnx", a_value=1000 / rates["fp32"],
