@@ -19,14 +19,6 @@ from shrinkcli.stages import distill as stage
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from a second thread, and on a busy machine the threads wait on
-    # each other at every op (measured: ~100x slower per op under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,6 @@ from shrinkcli.losses.adapters import StageAdapters
 from shrinkcli.losses.distill import (DistillCriterion, angular_loss, cosine_loss, get_distill_loss, l2_loss,
                                       no_loss, per_sample_cosine)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from a second thread, and on a busy machine the threads wait on
-    # each other at every op (measured: ~100x slower per op under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # Two samples. Sample 0: s=(3,4), t=(4,3): cos = 24/25 = 0.96, 1-cos = 0.04, (1-cos)^2 = 0.0016.

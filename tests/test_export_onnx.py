@@ -5,37 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _helpers import calibrated_model
 from shrinkcli.export.check import generated_pixels, parity_check, torch_embeddings
 from shrinkcli.export.onnx_export import GraphSpec, export_onnx
-from shrinkcli.models.registry import create_model, list_models
+from shrinkcli.models.registry import list_models
 
 SIZE = 32
 
 
-def _calibrate_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """Set BN statistics from real activations, as training would.
-
-    A freshly initialised network maps every image to nearly the same embedding, which would make
-    any cosine comparison pass; with calibrated statistics embeddings differ across images.
-    """
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the calibration batch
-    pixels = torch.from_numpy(generated_pixels(16, model.input_size, seed=99)).float()
-    model.train()
-    with torch.no_grad():
-        model((pixels - 127.5) / 127.5)
-    return model.eval()
-
-
-def _model(name: str, **kwargs) -> torch.nn.Module:
-    return _calibrate_batchnorm(create_model(name, **kwargs))
 
 
 @pytest.mark.parametrize("name", list_models("student"))
 def test_every_student_matches_torch(name, tmp_path):
-    model = _model(name, input_size=SIZE, width=0.25)
+    model = calibrated_model(name, input_size=SIZE, width=0.25)
     spec = GraphSpec(input_size=SIZE)
     path = export_onnx(model, tmp_path / "m.onnx", spec)
     pixels = generated_pixels(8, SIZE)
@@ -48,7 +30,7 @@ def test_every_student_matches_torch(name, tmp_path):
 
 
 def test_small_teacher_matches_torch(tmp_path):
-    model = _model("r18", input_size=SIZE, width=0.25)
+    model = calibrated_model("r18", input_size=SIZE, width=0.25)
     spec = GraphSpec(input_size=SIZE)
     path = export_onnx(model, tmp_path / "r18.onnx", spec)
     result = parity_check(model, path, spec, generated_pixels(8, SIZE), variant="fp32")
@@ -56,7 +38,7 @@ def test_small_teacher_matches_torch(tmp_path):
 
 
 def test_mobilefacenet_at_112_in_channels_last_matches_torch(tmp_path):
-    model = _model("mobilefacenet", input_size=112).to(memory_format=torch.channels_last)
+    model = calibrated_model("mobilefacenet", input_size=112).to(memory_format=torch.channels_last)
     spec = GraphSpec(input_size=112)
     path = export_onnx(model, tmp_path / "mfn112.onnx", spec)
     result = parity_check(model, path, spec, generated_pixels(4, 112), variant="fp32")

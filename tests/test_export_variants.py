@@ -9,40 +9,21 @@ import onnx
 import pytest
 import torch
 
+from _helpers import calibrated_model
 from shrinkcli.export.check import (compare_embeddings, generated_pixels, onnx_embeddings, parity_check,
                                     torch_embeddings)
 from shrinkcli.export.fp16 import convert_fp16
 from shrinkcli.export.onnx_export import GraphSpec, export_onnx, read_metadata
 from shrinkcli.export.quantize import quantize_int8
-from shrinkcli.models.registry import create_model
 
 SIZE = 32
 
 
-def _calibrate_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """Set BN statistics from real activations, as training would.
-
-    A freshly initialised network maps every image to nearly the same embedding, which would make
-    any cosine comparison pass; with calibrated statistics embeddings differ across images.
-    """
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the calibration batch
-    pixels = torch.from_numpy(generated_pixels(16, model.input_size, seed=99)).float()
-    model.train()
-    with torch.no_grad():
-        model((pixels - 127.5) / 127.5)
-    return model.eval()
-
-
-def _model(name: str, **kwargs) -> torch.nn.Module:
-    return _calibrate_batchnorm(create_model(name, **kwargs))
 
 
 @pytest.fixture(scope="module")
 def mfn_export(tmp_path_factory):
-    model = _model("mobilefacenet", input_size=SIZE, width=0.25)
+    model = calibrated_model("mobilefacenet", input_size=SIZE, width=0.25)
     spec = GraphSpec(input_size=SIZE)
     path = export_onnx(model, tmp_path_factory.mktemp("mfn") / "model.onnx", spec, source_sha256="f" * 64)
     return model, spec, path
