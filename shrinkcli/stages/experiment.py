@@ -109,12 +109,12 @@ def run(recipe: dict[str, Any], parent: Path, options: RunOptions) -> dict[str, 
     atomic_write_json(cache_path, cache)
     base_correct = np.mean([m["correct"] for m in groups[baseline]], axis=0)
     base_mean = float(np.mean([m["accuracy"] for m in groups[baseline]]))
-    table = [{"model": "teacher", "accuracy_mean": teacher["accuracy"], "accuracy_sd": 0.0, "seeds": 1,
+    table = [{"model": "teacher", "accuracy_mean": teacher["accuracy"], "accuracy_sd": None, "seeds": 1,
               "gain_pt": None, "ci95_pt": None, "gap_closed": None, "wall_s": rows[0]["seconds"]}]
     for name, members in groups.items():
         accuracies = [m["accuracy"] for m in members]
         row = {"model": name, "accuracy_mean": float(np.mean(accuracies)),
-               "accuracy_sd": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
+               "accuracy_sd": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else None,
                "seeds": len(members), "gain_pt": None, "ci95_pt": None, "gap_closed": None,
                "wall_s": float(np.mean([m["seconds"] for m in members]))}
         if name != baseline:
@@ -140,6 +140,7 @@ def _markdown(table: list[dict[str, Any]], pairs_spec: str, seeds: list[int], ba
     for r in table:
         gain = "" if r["gain_pt"] is None else f"{r['gain_pt']:+.2f}"
         closed = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
-        lines.append(f"| {r['model']} | {100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_sd']:.2f} | {r['seeds']} "
+        spread = f" +- {100 * r['accuracy_sd']:.2f}" if r["seeds"] > 1 else ""  # one seed has no sd
+        lines.append(f"| {r['model']} | {100 * r['accuracy_mean']:.2f}{spread} | {r['seeds']} "
                      f"| {gain} | {r['ci95_pt'] or ''} | {closed} | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
