@@ -19,7 +19,6 @@ the baseline gets a 95% paired-bootstrap CI over pairs (seed-group mean correctn
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -49,12 +48,9 @@ def _plan(recipe: dict[str, Any]) -> tuple[list[int], str, str, dict[str, dict[s
 def _train(stage: str, config: Any, run_dir: Path, options: RunOptions) -> tuple[str, float]:
     from shrinkcli.stages import pipeline
 
-    state = pipeline.stage_state(run_dir, config.to_dict())
+    state, resume = pipeline.prepare_stage(run_dir, config.to_dict())
     if state == "done":
         return "skipped (up to date)", float(load_manifest(run_dir).get("results", {}).get("wall_s") or 0.0)
-    if state == "stale":
-        shutil.rmtree(run_dir)
-    resume = str(run_dir) if state == "resumable" else None
     log.info(f"[{run_dir.name}] {'resuming' if resume else 'running'}")
     started = time.perf_counter()
     module = __import__(f"shrinkcli.stages.{stage}", fromlist=["run"])

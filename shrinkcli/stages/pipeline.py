@@ -83,6 +83,16 @@ def stage_state(run_dir: Path, config: dict[str, Any]) -> str:
     return "done"
 
 
+def prepare_stage(run_dir: Path, config: dict[str, Any], *, force: bool = False,
+                  may_write: bool = True) -> tuple[str, str | None]:
+    """(state, resume source): an up-to-date stage is 'done'; a stale one is removed so its
+    outputs are replaced, not mixed; a resumable one resumes from its own run dir."""
+    state = "stale" if force and (run_dir / MANIFEST).exists() else stage_state(run_dir, config)
+    if state == "stale" and may_write:
+        shutil.rmtree(run_dir)
+    return state, (str(run_dir) if state == "resumable" else None)
+
+
 def _stage_configs(recipe: dict[str, Any], parent: Path) -> dict[str, Any]:
     configs = {stage: stage_config_from_recipe(recipe, stage, f"recipe[{stage}]") for stage in STAGES}
     teacher_dir, distill_dir, export_dir = (str(parent / s) for s in ("teacher", "distill", "export"))
@@ -128,16 +138,13 @@ def run(recipe_path: str | Path | None, overrides: list[str], options: RunOption
                 continue
             run_dir = parent / stage
             config = configs[stage]
-            state = "stale" if force and (run_dir / MANIFEST).exists() else stage_state(run_dir, config.to_dict())
+            state, resume = prepare_stage(run_dir, config.to_dict(), force=force, may_write=rank == 0)
             started = time.perf_counter()
             if state == "done":
                 log.info(f"[{stage}] up to date, skipped ({run_dir})")
                 results[stage] = load_manifest(run_dir).get("results", {})
                 rows.append({"stage": stage, "action": "skipped (up to date)", "seconds": 0.0, "run_dir": str(run_dir)})
                 continue
-            if state == "stale" and rank == 0:
-                shutil.rmtree(run_dir)  # outputs of an older config or input: replaced, not mixed
-            resume = str(run_dir) if state == "resumable" else None
             log.info(f"[{stage}] {'resuming' if resume else 'running'} -> {run_dir}")
             stage_options = RunOptions(project=options.project, run_dir=str(run_dir), exist_ok=True)
             result = _call(stage, config, stage_options, resume, parent)
