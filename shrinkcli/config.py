@@ -207,7 +207,8 @@ class DistillConfig(TrainConfig):
     scale: float = 64.0
     sample_rate: float = 1.0
     cache_teacher: bool = False
-    cache_stages: bool = False          # also cache the four stage maps (fp16) when caching
+    cache_stages: bool = False          # also cache the four stage maps when caching
+    cache_dtype: Literal["float16", "float32"] = "float16"   # stage maps on disk: half the size, or exact
     cache_dir: Optional[str] = None     # where the teacher cache lives (default: <run dir>/teacher_cache)
 
     def validate(self) -> None:

@@ -138,6 +138,17 @@ def test_cached_stage_maps_match_inline_closely(tmp_path, teacher_file):
     assert abs(inline["summary"]["final_loss"] - cached["summary"]["final_loss"]) < 1e-2
 
 
+def test_float32_stage_cache_trains_exactly_like_inline(tmp_path, teacher_file):
+    inline = run_stage(tmp_path, tiny_config(teacher_file, epochs=1), "inline")
+    cached = run_stage(tmp_path, tiny_config(teacher_file, epochs=1, cache_teacher=True, cache_dtype="float32"), "cached")
+    assert cached["summary"]["teacher_forward_steps"] == 0 and inline["summary"]["teacher_forward_steps"] > 0
+    assert np.load(tmp_path / "runs/distill/cached/teacher_cache/stage4.npy", mmap_mode="r").dtype == np.float32
+    a = student_weights(tmp_path / "runs" / "distill" / "inline")
+    b = student_weights(tmp_path / "runs" / "distill" / "cached")
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst < 1e-5, f"float32 stage cache and inline runs differ by {worst}"
+
+
 def test_cache_is_reused_and_invalidated(tmp_path, teacher_file):
     from shrinkcli.data import open_dataset
     from shrinkcli.distill.cache import open_or_build
@@ -168,6 +179,9 @@ def test_cache_is_reused_and_invalidated(tmp_path, teacher_file):
     open_or_build(tmp_path, other, dataset, teacher_fn, **args)
     assert calls == [4, 4, 4, 4]                                    # mismatched key: recomputed
     assert TeacherCache.open(tmp_path, key, num_items=4, flips=2, with_stages=True) is None   # no stages stored
+    staged = open_or_build(tmp_path / "s", key, dataset, teacher_fn, **{**args, "with_stages": True})
+    assert staged.stages[0].dtype == np.float16
+    assert TeacherCache.open(tmp_path / "s", key, num_items=4, flips=2, with_stages=True, stage_dtype="float32") is None
 
 
 def test_preprocessing_comes_from_the_teacher_unless_overridden():

@@ -5,11 +5,12 @@ eval mode, so its output for a given (dataset index, flip) never changes. A firs
 embedding (and, when stage losses need them, the four stage maps) of every image and of its mirror,
 stores them as `.npy` files, and every later step looks them up by (index, flip) instead of running
 the teacher. Embeddings are kept in float32, so a cached run trains exactly like an inline one;
-stage maps are stored in float16 to halve their (large) disk size, which changes them by at most
-about 1e-3 relative.
+stage maps are stored in float16 by default to halve their (large) disk size, which changes them by
+at most about 1e-3 relative; `cache_dtype = "float32"` stores them exactly, and a cached run then
+trains exactly like an inline one with stage losses too.
 
 Layout of a cache directory: `key.json` (written last: its presence marks a complete cache),
-`embeddings.npy` float32 `[flips, N, D]`, `stage1..4.npy` float16 `[flips, N, C, H, W]`, where flip 0
+`embeddings.npy` float32 `[flips, N, D]`, `stage1..4.npy` float16 or float32 `[flips, N, C, H, W]`, where flip 0
 is the image as stored and flip 1 its horizontal mirror.
 
 Invalidation: the key is the sha256 of the teacher artifact's sha256, the dataset (spec, length,
@@ -82,7 +83,8 @@ class TeacherCache:
         return maps, embedding
 
     @classmethod
-    def open(cls, directory: Path, key: str, *, num_items: int, flips: int, with_stages: bool) -> "TeacherCache | None":
+    def open(cls, directory: Path, key: str, *, num_items: int, flips: int, with_stages: bool,
+             stage_dtype: str = "float16") -> "TeacherCache | None":
         """The cache in `directory` if it is complete and made for `key`; otherwise None."""
         directory = Path(directory)
         try:
@@ -90,6 +92,8 @@ class TeacherCache:
         except (OSError, ValueError):
             return None
         if meta.get("key") != key or meta.get("flips", 0) < flips or (with_stages and not meta.get("stages")):
+            return None
+        if with_stages and meta.get("stage_dtype", "float16") != stage_dtype:
             return None
         try:
             embeddings = np.load(directory / "embeddings.npy")
@@ -103,8 +107,9 @@ class TeacherCache:
         return cls(directory, embeddings, stages)
 
 
-def _estimate_bytes(num_items: int, flips: int, embedding_size: int, stage_shapes: Sequence[Sequence[int]] | None) -> int:
-    per_item = embedding_size * 4 + sum(int(np.prod(s)) * 2 for s in stage_shapes or [])
+def _estimate_bytes(num_items: int, flips: int, embedding_size: int, stage_shapes: Sequence[Sequence[int]] | None,
+                    stage_bytes: int = 2) -> int:
+    per_item = embedding_size * 4 + sum(int(np.prod(s)) * stage_bytes for s in stage_shapes or [])
     return num_items * flips * per_item
 
 
@@ -114,13 +119,17 @@ def _new_array(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
 
 def build_cache(directory: Path, key: str, dataset: Any, teacher_fn: TeacherFn, *, device: torch.device,
                 flips: int, with_stages: bool, batch_size: int = 64, workers: int = 0,
-                channels_last: bool = False, progress: bool = False) -> TeacherCache:
+                channels_last: bool = False, progress: bool = False, stage_dtype: str = "float16") -> TeacherCache:
     """One pass of the teacher over `dataset` (and its mirror when flips == 2), written to `directory`.
 
     Arrays are written under temporary names and renamed into place, and `key.json` goes last, so an
     interrupted pass leaves no cache that `TeacherCache.open` would accept.
     """
     from torch.utils.data import DataLoader
+
+    if stage_dtype not in ("float16", "float32"):
+        raise BadInputError(f"cache_dtype must be float16 or float32, got {stage_dtype!r}")
+    np_stage_dtype = np.dtype(stage_dtype)
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -144,17 +153,18 @@ def build_cache(directory: Path, key: str, dataset: Any, teacher_fn: TeacherFn, 
             maps, emb = teacher_fn(batch)
             if embeddings is None:
                 stage_shapes = [tuple(m.shape[1:]) for m in maps] if with_stages else None
-                _check_disk_space(directory, _estimate_bytes(num_items, flips, emb.shape[1], stage_shapes))
+                _check_disk_space(directory, _estimate_bytes(num_items, flips, emb.shape[1], stage_shapes,
+                                                             np_stage_dtype.itemsize))
                 temp_paths["embeddings"] = directory / ".embeddings.npy.tmp"
                 embeddings = _new_array(temp_paths["embeddings"], np.float32, (flips, num_items, emb.shape[1]))
                 if with_stages:
                     stage_arrays = []
                     for k, shape in enumerate(stage_shapes):
                         temp_paths[f"stage{k + 1}"] = directory / f".stage{k + 1}.npy.tmp"
-                        stage_arrays.append(_new_array(temp_paths[f"stage{k + 1}"], np.float16, (flips, num_items, *shape)))
+                        stage_arrays.append(_new_array(temp_paths[f"stage{k + 1}"], np_stage_dtype, (flips, num_items, *shape)))
             embeddings[flip, rows] = emb.float().cpu().numpy()
             for arr, m in zip(stage_arrays or [], maps):
-                arr[flip, rows] = m.half().cpu().numpy()
+                arr[flip, rows] = m.to(torch.float16 if stage_dtype == "float16" else torch.float32).cpu().numpy()
         done += len(rows)
         if progress:
             log.info(f"teacher cache: {done}/{num_items} images")
@@ -167,8 +177,10 @@ def build_cache(directory: Path, key: str, dataset: Any, teacher_fn: TeacherFn, 
         os.replace(tmp, directory / f"{name}.npy")
     stage_names = [n for n in temp_paths if n.startswith("stage")]
     atomic_write_json(directory / KEY_FILE, {"key": key, "format": CACHE_FORMAT, "flips": flips,
-                                             "num_items": num_items, "stages": stage_names})
-    cache = TeacherCache.open(directory, key, num_items=num_items, flips=flips, with_stages=with_stages)
+                                             "num_items": num_items, "stages": stage_names,
+                                             "stage_dtype": stage_dtype})
+    cache = TeacherCache.open(directory, key, num_items=num_items, flips=flips, with_stages=with_stages,
+                              stage_dtype=stage_dtype)
     assert cache is not None, "a freshly written teacher cache must open"
     return cache
 
@@ -185,7 +197,7 @@ def _check_disk_space(directory: Path, needed: int) -> None:
 def open_or_build(directory: Path, key: str, dataset: Any, teacher_fn: TeacherFn, **kwargs: Any) -> TeacherCache:
     """Reuse the cache in `directory` when its key matches, else compute it (one teacher pass)."""
     cache = TeacherCache.open(directory, key, num_items=len(dataset), flips=kwargs["flips"],
-                              with_stages=kwargs["with_stages"])
+                              with_stages=kwargs["with_stages"], stage_dtype=kwargs.get("stage_dtype", "float16"))
     if cache is not None:
         log.info(f"teacher cache: reusing {directory}")
         return cache

@@ -35,6 +35,7 @@ class CacheRequest:
     with_stages: bool = False
     batch_size: int = 64
     workers: int = 0
+    stage_dtype: str = "float16"
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -97,11 +98,12 @@ class DistillTask:
             cache = open_or_build(Path(directory), request.key, request.dataset, self.teacher_outputs,
                                   device=self.device, flips=request.flips, with_stages=request.with_stages,
                                   batch_size=request.batch_size, workers=request.workers,
-                                  channels_last=self.channels_last)
+                                  channels_last=self.channels_last, stage_dtype=request.stage_dtype)
         ddp.barrier()
         if cache is None:
             cache = TeacherCache.open(Path(directory), request.key, num_items=len(request.dataset),
-                                      flips=request.flips, with_stages=request.with_stages)
+                                      flips=request.flips, with_stages=request.with_stages,
+                                      stage_dtype=request.stage_dtype)
             if cache is None:
                 raise RuntimeError(f"teacher cache {directory} written by rank 0 is not readable here")
         return cache

@@ -113,7 +113,8 @@ def build_task(config: DistillConfig, teacher, teacher_sha256: str, dataset, cac
         directory = Path(config.cache_dir) / key[:16] if config.cache_dir else cache_dir
         request = CacheRequest(directory=directory, key=key, dataset=dataset, flips=2 if config.flip else 1,
                                with_stages=criterion.needs_teacher_stages or config.cache_stages,
-                               batch_size=config.batch_size, workers=max(0, config.workers))
+                               batch_size=config.batch_size, workers=max(0, config.workers),
+                               stage_dtype=config.cache_dtype)
     return DistillTask(student=student, teacher=teacher, criterion=criterion, head=head, cache=request)
 
 
