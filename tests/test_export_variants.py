@@ -12,6 +12,7 @@ import torch
 from _helpers import calibrated_model
 from shrinkcli.export.check import (compare_embeddings, generated_pixels, onnx_embeddings, parity_check,
                                     torch_embeddings)
+from shrinkcli.errors import BadInputError
 from shrinkcli.export.fp16 import convert_fp16
 from shrinkcli.export.onnx_export import GraphSpec, export_onnx, read_metadata
 from shrinkcli.export.quantize import quantize_int8
@@ -89,7 +90,10 @@ def test_fp16_keeps_fp32_io_and_is_close(mfn_export, tmp_path):
 
 
 def test_int8_static_and_dynamic(mfn_export, tmp_path):
-    model, spec, path = mfn_export
+    model, spec, split = mfn_export
+    with pytest.raises(BadInputError, match="prelu=native"):
+        quantize_int8(split, tmp_path / "refused.onnx", None)
+    path = export_onnx(model, tmp_path / "native.onnx", spec, prelu="native")
     calib = generated_pixels(16, SIZE, seed=5)
     static = quantize_int8(path, tmp_path / "s8.onnx", spec.graph_input(calib))
     assert static == {"method": "static-qdq", "calibration_images": 16, "fp32_nodes": 3}

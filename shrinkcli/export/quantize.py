@@ -81,6 +81,10 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_inputs: np.
                                           quantize_static)
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
+    source_props = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
+    if source_props.get("prelu") == "split":
+        raise BadInputError(f"{fp32_path} has its PReLUs split for fp32 onnxruntime, which int8 quantization cannot use",
+                            hint="quantize a graph exported with prelu=native (`shrink export --quantize int8` does this)")
     with tempfile.TemporaryDirectory(prefix="shrink-int8-", dir=out_path.parent) as tmp:
         workdir = Path(tmp)
         prepared = _preprocessed(fp32_path, workdir)
@@ -105,7 +109,6 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_inputs: np.
             info = {"method": "dynamic", "calibration_images": 0}
         # Loading pulls in any external data the quantizer wrote, so the result is saved as one file.
         proto = onnx.load(str(produced), load_external_data=True)
-    source_props = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
     set_metadata(proto, {**source_props, "dtype": "int8", "quantization": info["method"]})
     data = proto.SerializeToString()
     if not data:

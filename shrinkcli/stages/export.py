@@ -7,6 +7,7 @@ broken models.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ def _write_onnx_variants(model, meta, source: Artifact, config: ExportConfig, sp
     written: dict[str, Path] = {}
     extra = {"source_file": Path(source.path).name}
     written["onnx"] = export_onnx(model, out.file(FILES["onnx"]), spec, opset=config.opset,
-                                  source_sha256=source.sha256, extra_metadata=extra)
+                                  source_sha256=source.sha256, extra_metadata=extra, prelu=config.prelu)
     info: dict[str, Any] = {}
     if config.dtype == "fp16":
         written["onnx-fp16"] = convert_fp16(written["onnx"], out.file(FILES["onnx-fp16"]))
@@ -84,7 +85,12 @@ def _write_onnx_variants(model, meta, source: Artifact, config: ExportConfig, sp
             pixels = load_pixels(config.calib_data, config.calib_images, input_size=spec.input_size,
                                  crop=(meta.get("preprocess") or {}).get("crop"))
             calib = spec.graph_input(pixels)
-        info = quantize_int8(written["onnx"], out.file(FILES["onnx-int8"]), calib)
+        # onnxruntime's quantizer cannot quantize the split PReLU's per-channel BatchNormalization
+        # scales, and int8 graphs do not use the blocked fp32 layout the split exists for.
+        with tempfile.TemporaryDirectory(prefix="shrink-int8-src-", dir=out.path) as tmp:
+            native = export_onnx(model, Path(tmp) / "native.onnx", spec, opset=config.opset,
+                                 source_sha256=source.sha256, extra_metadata=extra, prelu="native")
+            info = quantize_int8(native, out.file(FILES["onnx-int8"]), calib)
         written["onnx-int8"] = out.path / FILES["onnx-int8"]
     for kind, path in written.items():
         out.add_output(path, kind)
