@@ -10,7 +10,7 @@ from shrinkcli.models import create_model, list_models, model_family
 from shrinkcli.models.summary import count_macs, count_params, describe_model, registry_table
 
 TEACHERS = ["r18", "r34", "r50", "r90", "r100", "r200"]
-STUDENTS = ["mobilefacenet", "mobilenetv1", "mobilenetv2", "mfnr"]
+STUDENTS = ["mobilefacenet", "mobilefacenet-relu", "mobilenetv1", "mobilenetv2", "mfnr"]
 ALL = TEACHERS + STUDENTS
 
 
@@ -65,7 +65,7 @@ def test_count_macs_is_measured_from_the_layers():
 
 
 EXPECTED_STAGES_112 = {
-    "mobilefacenet": [64, 64, 128, 128], "mfnr": [64, 64, 128, 128],
+    "mobilefacenet": [64, 64, 128, 128], "mobilefacenet-relu": [64, 64, 128, 128], "mfnr": [64, 64, 128, 128],
     "mobilenetv1": [64, 128, 256, 1024], "mobilenetv2": [16, 24, 32, 320],
     **{t: [64, 128, 256, 512] for t in TEACHERS},
 }
@@ -92,8 +92,8 @@ def test_table_rows_describe_each_model():
     assert rows["mobilefacenet"]["stages"] == "64@56 64@28 128@14 128@7"
     assert rows["r50"]["stages"] == "64@56 128@28 256@14 512@7"
     assert rows["r90"]["params (M)"] < rows["r100"]["params (M)"] and rows["r90"]["MACs (M)"] < rows["r100"]["MACs (M)"]
-    assert [r["name"] for r in registry_table(64, name_filter="mobile")] == ["mobilefacenet", "mobilenetv2",
-                                                                           "mobilenetv1"]
+    assert [r["name"] for r in registry_table(64, name_filter="mobile")] == [
+        "mobilefacenet-relu", "mobilefacenet", "mobilenetv2", "mobilenetv1"]   # the ReLU one lacks PReLU slopes
     assert describe_model("r18", input_size=64)["stages"] == "64@32 128@16 256@8 512@4"
 
 

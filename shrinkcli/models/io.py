@@ -137,6 +137,8 @@ def _infer_student(sd: dict[str, torch.Tensor]) -> tuple[str, dict]:
         name, widths = "mobilenetv1", [head_channels / 1024, stem / 32]
     elif "stage1.1.0.weight" in sd:
         name = "mfnr" if any(".shortcut." in k for k in sd) else "mobilefacenet"
+        if name == "mobilefacenet" and "stage1.0.2.weight" not in sd:   # no PReLU slopes: the ReLU variant
+            name = "mobilefacenet-relu"
         widths = [head_channels / 512, stem / 64]
     else:
         raise BadInputError("state_dict looks like a shrink student but matches no known student layout")

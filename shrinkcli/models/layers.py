@@ -34,18 +34,27 @@ def check_width(width: float, arch: str) -> float:
     return float(width)
 
 
+def activation(act: str, channels: int) -> nn.Module:
+    """PReLU (the face-recognition default) or ReLU, which int8 runtimes fuse into the convolution."""
+    if act == "prelu":
+        return nn.PReLU(channels)
+    if act == "relu":
+        return nn.ReLU(inplace=True)
+    raise ValueError(f"unknown activation {act!r} (prelu or relu)")
+
+
 class ConvBlock(nn.Sequential):
-    """Conv (no bias) -> BN -> PReLU; `linear=True` drops the PReLU (bottleneck projections, GDConv)."""
+    """Conv (no bias) -> BN -> PReLU/ReLU; `linear=True` drops the activation (bottleneck projections, GDConv)."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1, groups: int = 1,
-                 linear: bool = False, padding: int | None = None):
+                 linear: bool = False, padding: int | None = None, act: str = "prelu"):
         padding = kernel // 2 if padding is None else padding
         layers: list[nn.Module] = [
             nn.Conv2d(in_ch, out_ch, kernel, stride, padding, groups=groups, bias=False),
             nn.BatchNorm2d(out_ch),
         ]
         if not linear:
-            layers.append(nn.PReLU(out_ch))
+            layers.append(activation(act, out_ch))
         super().__init__(*layers)
 
 
@@ -69,13 +78,14 @@ class InvertedResidual(nn.Module):
     shortcut to the other blocks too (the MFNR student)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, expansion: float,
-                 always_shortcut: bool = False):
+                 always_shortcut: bool = False, act: str = "prelu"):
         super().__init__()
         hidden = max(8, int(round(in_ch * expansion)))
         layers: list[nn.Module] = []
         if expansion != 1:
-            layers.append(ConvBlock(in_ch, hidden, 1))
-        layers += [ConvBlock(hidden, hidden, 3, stride, groups=hidden), ConvBlock(hidden, out_ch, 1, linear=True)]
+            layers.append(ConvBlock(in_ch, hidden, 1, act=act))
+        layers += [ConvBlock(hidden, hidden, 3, stride, groups=hidden, act=act),
+                   ConvBlock(hidden, out_ch, 1, linear=True)]
         self.conv = nn.Sequential(*layers)
         self.identity = stride == 1 and in_ch == out_ch
         self.shortcut = Shortcut(in_ch, out_ch, stride) if always_shortcut and not self.identity else None
@@ -90,9 +100,9 @@ class InvertedResidual(nn.Module):
 
 
 def bottleneck_group(in_ch: int, out_ch: int, repeats: int, stride: int, expansion: float,
-                     always_shortcut: bool = False) -> list[nn.Module]:
-    blocks = [InvertedResidual(in_ch, out_ch, stride, expansion, always_shortcut)]
-    blocks += [InvertedResidual(out_ch, out_ch, 1, expansion, always_shortcut) for _ in range(repeats - 1)]
+                     always_shortcut: bool = False, act: str = "prelu") -> list[nn.Module]:
+    blocks = [InvertedResidual(in_ch, out_ch, stride, expansion, always_shortcut, act)]
+    blocks += [InvertedResidual(out_ch, out_ch, 1, expansion, always_shortcut, act) for _ in range(repeats - 1)]
     return blocks
 
 
