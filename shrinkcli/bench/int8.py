@@ -1,6 +1,8 @@
 """Suite `int8`: static int8 (`shrinkcli.export.quantize.quantize_int8`) vs the fp32 student in onnxruntime.
 
-Target: int8 >= 1.5x faster than fp32 at the same batch. Calibration uses real faces (LFW, centre
+Target: int8 >= 1.5x faster than fp32 at the same batch, measured for the default MobileFaceNet
+(PReLU; int8 is quantized from its native-PRelu graph, fp32 is the shipped split-PReLU graph) and
+for `mobilefacenet-relu`, the int8 deployment variant. Calibration uses real faces (LFW, centre
 crop 128) when ../shared/data is present, else synthetic faces; the parity measure is the cosine
 between int8 and fp32 embeddings on held-out images. Face-verification accuracy needs a trained
 student, which this suite does not train: with random weights only the cosine is meaningful.
@@ -84,54 +86,68 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
-def run(quick: bool = False, **_: Any) -> dict[str, Any]:
+def measure_student(arch: str, tmp_path: Path, calib: np.ndarray, batch: np.ndarray, *, input_size: int,
+                    repeats: int, with_variants: bool) -> dict[str, Any]:
+    """fp32 (as shipped) and int8 (as `shrink export --quantize int8` makes it) of one random-init student."""
     from shrinkcli.export.quantize import _preprocessed, quantize_int8
     from shrinkcli.models import create_model
 
+    torch.manual_seed(0)
+    student = create_model(arch, embedding_size=512, input_size=input_size)
+    settle_batchnorm(student, calib)
+    fp32 = export(student, tmp_path / f"{arch}-fp32.onnx", input_size)                 # as shipped: PReLU split
+    fp32_native = export(student, tmp_path / f"{arch}-fp32-native.onnx", input_size, prelu="native")
+    int8 = tmp_path / f"{arch}-int8.onnx"
+    info = quantize_int8(fp32_native, int8, calib)                                     # as `shrink export` does
+    paths = {"fp32": fp32, "fp32 native": fp32_native, "int8": int8}
+    if with_variants:
+        prepared = _preprocessed(fp32_native, tmp_path)
+        for activation, fmt in (("u8", "qdq"), ("u8", "qoperator")):
+            name = f"int8 {fmt} {activation}s8 minmax"
+            paths[name] = quantize_variant(prepared, tmp_path / f"{arch}-{fmt}-{activation}.onnx", calib,
+                                           activation=activation, fmt=fmt)
+    sessions = {name: ort_session(path) for name, path in paths.items()}
+    rates = interleaved_rates({name: ort_workload(sess, batch, runs=2) for name, sess in sessions.items()},
+                              repeats=repeats, warmup=1)
+    embeddings = {name: sess.run(None, {sess.get_inputs()[0].name: batch})[0] for name, sess in sessions.items()}
+    ops = {name: op_counts(path) for name, path in paths.items() if name != "fp32 native"}
+    return {"rates": rates, "embeddings": embeddings, "ops": ops, "info": info}
+
+
+def run(quick: bool = False, **_: Any) -> dict[str, Any]:
     input_size, batch_size, calib_count = (32, 4, 8) if quick else (112, 16, 64)
     repeats = 2 if quick else 5
     images, source = face_batch(calib_count + batch_size, input_size)
     calib, batch = images[:calib_count], images[calib_count:]
-    torch.manual_seed(0)
-    student = create_model("mobilefacenet", embedding_size=512, input_size=input_size)
-    settle_batchnorm(student, calib)
+    rows: list[dict[str, Any]] = []
+    op_table: list[dict[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="shrink-bench-int8-") as tmp:
-        tmp_path = Path(tmp)
-        fp32 = export(student, tmp_path / "fp32.onnx", input_size)                  # as shipped: PReLU split
-        fp32_native = export(student, tmp_path / "fp32-native.onnx", input_size, prelu="native")
-        int8 = tmp_path / "int8.onnx"
-        info = quantize_int8(fp32_native, int8, calib)                              # as `shrink export` does
-        sessions = {"fp32": ort_session(fp32), "fp32 native": ort_session(fp32_native), "int8": ort_session(int8)}
-        variants: dict[str, Path] = {}
-        if not quick:
-            prepared = _preprocessed(fp32_native, tmp_path)
-            for activation, fmt in (("u8", "qdq"), ("u8", "qoperator")):
-                name = f"int8 {fmt} {activation}s8 minmax"
-                variants[name] = quantize_variant(prepared, tmp_path / f"{fmt}-{activation}.onnx", calib,
-                                                  activation=activation, fmt=fmt)
-                sessions[name] = ort_session(variants[name])
-        rates = interleaved_rates({name: ort_workload(s, batch, runs=2) for name, s in sessions.items()},
-                                  repeats=repeats, warmup=1)
-        embeddings = {name: s.run(None, {s.get_inputs()[0].name: batch})[0] for name, s in sessions.items()}
-        shipped_ops, fp32_ops = op_counts(int8), op_counts(fp32)
-        variant_ops = {name: op_counts(path) for name, path in variants.items()}
-    detail = (f"mobilefacenet {input_size} px, batch {batch_size}, {info['method']} (u8s8, per-channel, "
-              f"percentile calibration on {calib_count} {source} images, first conv + head fp32), {run_threads_note()}")
-    cos = cosines(embeddings["fp32"], embeddings["int8"])
-    rows = [ratio_row(SUITE, "int8 vs fp32 student (onnxruntime, speed-up)", a="fp32 onnx", a_value=1000 / rates["fp32"],
-                      b="int8 onnx", b_value=1000 / rates["int8"], unit="ms/img", ratio=rates["int8"] / rates["fp32"],
-                      target=1.5, settings=detail),
-            info_row(SUITE, "int8 vs fp32 with native PRelu (the graph it was quantized from), speed-up",
-                     a="fp32 native onnx", a_value=1000 / rates["fp32 native"], b="int8 onnx", b_value=1000 / rates["int8"],
-                     unit="ms/img", settings=f"ratio {rates['int8'] / rates['fp32 native']:.2f}x"),
-            info_row(SUITE, "int8 vs fp32 embedding cosine (min / mean over held-out images)", a="min", a_value=float(cos.min()),
-                     b="mean", b_value=float(cos.mean()), unit="cosine",
-                     settings=f"{len(batch)} held-out {source} images; random-init student with settled BN: "
-                              "verification accuracy needs a trained model")]
-    for name in variants:
-        rows.append(info_row(SUITE, f"variant {name}: speed-up vs fp32", a="int8 / fp32",
-                             a_value=rates[name] / rates["fp32"], unit="x",
-                             settings=f"ops: {variant_ops[name]}; cosine min {cosines(embeddings['fp32'], embeddings[name]).min():.4f}"))
-    tables = {"int8 graph operators after onnxruntime fusion": [{"graph": "fp32 (split PReLU)", "ops": fp32_ops},
-                                                                {"graph": "int8 (shipped)", "ops": shipped_ops}]}
-    return {"rows": rows, "tables": tables}
+        for arch in ("mobilefacenet", "mobilefacenet-relu"):
+            result = measure_student(arch, Path(tmp), calib, batch, input_size=input_size, repeats=repeats,
+                                     with_variants=not quick and arch == "mobilefacenet")
+            rates, embeddings = result["rates"], result["embeddings"]
+            detail = (f"{arch} {input_size} px, batch {batch_size}, {result['info']['method']} (u8s8, per-channel, "
+                      f"percentile calibration on {calib_count} {source} images, first conv + head fp32), "
+                      f"{run_threads_note()}")
+            cos = cosines(embeddings["fp32"], embeddings["int8"])
+            rows.append(ratio_row(SUITE, f"int8 vs fp32 {arch} (onnxruntime, speed-up)", a="fp32 onnx",
+                                  a_value=1000 / rates["fp32"], b="int8 onnx", b_value=1000 / rates["int8"],
+                                  unit="ms/img", ratio=rates["int8"] / rates["fp32"], target=1.5, settings=detail))
+            if arch == "mobilefacenet":
+                rows.append(info_row(SUITE, "int8 vs fp32 with native PRelu (the graph int8 is quantized from), speed-up",
+                                     a="fp32 native onnx", a_value=1000 / rates["fp32 native"], b="int8 onnx",
+                                     b_value=1000 / rates["int8"], unit="ms/img",
+                                     settings=f"ratio {rates['int8'] / rates['fp32 native']:.2f}x"))
+            rows.append(info_row(SUITE, f"int8 vs fp32 {arch} embedding cosine (min / mean over held-out images)",
+                                 a="min", a_value=float(cos.min()), b="mean", b_value=float(cos.mean()), unit="cosine",
+                                 settings=f"{len(batch)} held-out {source} images; random-init student with settled BN: "
+                                          "verification accuracy needs a trained model (docs/benchmarks.md)"))
+            for name in rates:
+                if name.startswith("int8 ") and name != "int8":
+                    rows.append(info_row(SUITE, f"variant {name}: speed-up vs fp32", a="int8 / fp32",
+                                         a_value=rates[name] / rates["fp32"], unit="x",
+                                         settings=f"ops: {result['ops'][name]}; cosine min "
+                                                  f"{cosines(embeddings['fp32'], embeddings[name]).min():.4f}"))
+            op_table += [{"graph": f"{arch} fp32 (shipped)", "ops": result["ops"]["fp32"]},
+                         {"graph": f"{arch} int8 (shipped)", "ops": result["ops"]["int8"]}]
+    return {"rows": rows, "tables": {"graph operators after onnxruntime fusion": op_table}}
