@@ -137,6 +137,22 @@ def test_bootstrap_ci_contains_true_difference_and_excludes_zero():
     assert again == result                               # seeded: reproducible
 
 
+def test_bootstrap_over_seeds_widens_the_ci_by_training_noise():
+    rng = np.random.default_rng(6)
+    a = (rng.random((3, 3000)) < 0.80).astype(float)
+    b = np.stack([(rng.random(3000) < p).astype(float) for p in (0.78, 0.83, 0.88)])   # seeds scatter 5 pt
+    pairs_only = paired_bootstrap(a.mean(0), b.mean(0), resamples=1000, seed=0)
+    both = paired_bootstrap(a, b, resamples=1000, seed=0)
+    assert pairs_only["resampled"] == "pairs" and both["resampled"] == "pairs and seeds"
+    assert both["difference"] == pytest.approx(pairs_only["difference"])
+    assert pairs_only["excludes_zero"] and not both["excludes_zero"]
+    assert (both["ci_high"] - both["ci_low"]) > 2 * (pairs_only["ci_high"] - pairs_only["ci_low"])
+    single = paired_bootstrap(a[:1], b[:1], resamples=300, seed=2)
+    assert single == paired_bootstrap(a[0], b[0], resamples=300, seed=2)   # one seed: the plain paired bootstrap
+    with pytest.raises(BadInputError, match="same pairs"):
+        paired_bootstrap(a, b[:, :10])
+
+
 def test_bootstrap_population_difference_is_covered():
     rng = np.random.default_rng(5)
     n = 4000

@@ -56,6 +56,7 @@ def test_experiment_runs_variants_and_seeds_then_skips_them(tmp_path):
     assert set(table) == {"teacher", "baseline", "embed"}
     assert table["baseline"]["seeds"] == 2 and table["baseline"]["gain_pt"] is None
     assert table["embed"]["gain_pt"] is not None and " .. " in table["embed"]["ci95_pt"]
+    assert " .. " in table["embed"]["ci95_seeds_pt"]      # two seeds: the CI over pairs and seeds exists too
     for run in ("teacher", "distill-baseline-s0", "distill-baseline-s1", "distill-embed-s0", "distill-embed-s1"):
         assert json.loads((parent / run / "manifest.json").read_text())["status"] == "completed", run
     baseline = json.loads((parent / "distill-baseline-s0" / "manifest.json").read_text())
@@ -66,3 +67,23 @@ def test_experiment_runs_variants_and_seeds_then_skips_them(tmp_path):
     assert second.exit_code == 0, second.output
     actions = {row["run"]: row["action"] for row in json.loads(second.stdout)["tables"]["runs"]}
     assert set(actions.values()) == {"skipped (up to date)"}
+
+
+def test_variant_contrasts_call_seed_scatter_noise():
+    import numpy as np
+
+    from shrinkcli.stages.experiment import _contrasts, _markdown
+
+    rng = np.random.default_rng(0)
+    base = (rng.random((3, 2000)) < 0.80).astype(float)
+    # "steady" beats "noisy" on average, but noisy's seeds scatter by +-3 pt around it.
+    steady = (rng.random((3, 2000)) < 0.84).astype(float)
+    noisy = np.stack([(rng.random(2000) < p).astype(float) for p in (0.80, 0.83, 0.86)])
+    clear = (rng.random((3, 2000)) < 0.90).astype(float)
+    members = {"baseline": base, "noisy": noisy, "steady": steady, "clear": clear}
+    rows = {(r["a"], r["b"]): r for r in _contrasts(members, "baseline", resamples=500)}
+    assert set(rows) == {("noisy", "steady"), ("noisy", "clear"), ("steady", "clear")}
+    assert rows[("noisy", "steady")]["verdict"] == "within noise"
+    assert rows[("steady", "clear")]["verdict"] == "b better" and rows[("steady", "clear")]["difference_pt"] > 4
+    text = _markdown([], list(rows.values()), "pairs", [0, 1, 2], "baseline")
+    assert "within noise" in text and "Variant against variant" in text

@@ -3,7 +3,8 @@
 Each model is scored with its own cross-validated thresholds (the verify protocol), giving a
 0/1 correctness per pair. A group of seeds is summarised per pair by the mean correctness over
 its members, so the group accuracy is exactly the mean of the members' accuracies. The
-difference B - A gets a paired bootstrap CI over pairs (seeded). "only A right" counts the pairs
+difference B - A gets a paired bootstrap CI (seeded) over pairs and, for groups, over seeds too
+(see shrinkcli.evaluate.bootstrap), so it covers training noise as well. "only A right" counts the pairs
 where A's (mean) correctness is higher than B's: for single models, A right and B wrong.
 """
 
@@ -33,7 +34,7 @@ def _score_group(runners: list, sources: list[str], group: str, pairs_for, crop,
     lengths = {len(c) for c in correctness}
     if len(lengths) != 1:
         raise BadInputError("models were scored on different numbers of pairs")
-    return rows, np.mean(correctness, axis=0)
+    return rows, np.stack(correctness)
 
 
 def run(*, model_a: list[str], model_b: list[str], pairs: str, data: str | None = None,
@@ -60,15 +61,17 @@ def run(*, model_a: list[str], model_b: list[str], pairs: str, data: str | None 
     # open every model first: a missing or unreadable file fails before any slow embedding
     runners_a = [open_runner(source, "model A") for source in model_a]
     runners_b = [open_runner(source, "model B") for source in model_b]
-    rows_a, correct_a = _score_group(runners_a, list(model_a), "A", pairs_for, crop, input_size)
-    rows_b, correct_b = _score_group(runners_b, list(model_b), "B", pairs_for, crop, input_size)
-    if len(correct_a) != len(correct_b):
+    rows_a, members_a = _score_group(runners_a, list(model_a), "A", pairs_for, crop, input_size)
+    rows_b, members_b = _score_group(runners_b, list(model_b), "B", pairs_for, crop, input_size)
+    if members_a.shape[1] != members_b.shape[1]:
         raise BadInputError("groups A and B were scored on different pairs")
-    stats = paired_bootstrap(correct_a, correct_b, resamples=bootstrap, seed=seed)
+    stats = paired_bootstrap(members_a, members_b, resamples=bootstrap, seed=seed)
+    correct_a, correct_b = members_a.mean(axis=0), members_b.mean(axis=0)
     summary = {
         "pairs": int(len(correct_a)), "accuracy_a": float(correct_a.mean()), "accuracy_b": float(correct_b.mean()),
         "difference_b_minus_a": stats["difference"], "ci95_low": stats["ci_low"], "ci95_high": stats["ci_high"],
         "bootstrap_p_value": stats["p_value"], "excludes_zero": stats["excludes_zero"],
+        "ci_resamples": stats["resampled"],
         "only_a_right": int(np.sum(correct_a > correct_b)), "only_b_right": int(np.sum(correct_b > correct_a)),
         "models_a": len(rows_a), "models_b": len(rows_b), "resamples": bootstrap, "seed": seed,
     }

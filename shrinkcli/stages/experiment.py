@@ -13,7 +13,10 @@ Run by `shrink pipeline RECIPE` when the recipe has an `[experiment]` table:
 Every run lives in `<parent>/teacher` and `<parent>/distill-<variant>-s<seed>`, is skipped when up to
 date and resumed when interrupted, so the study can be stopped and restarted at any time. Each
 model is scored on the same pairs with its own cross-validated thresholds; a variant's gain over
-the baseline gets a 95% paired-bootstrap CI over pairs (seed-group mean correctness per pair).
+the baseline gets two 95% paired-bootstrap CIs: over pairs (seed-group mean correctness per pair),
+which says how sure the difference is on this test set, and over pairs and seeds, which also
+covers training noise. Every two non-baseline variants are compared the second way, and the
+difference is called "within noise" when that CI includes zero.
 """
 
 from __future__ import annotations
@@ -103,40 +106,73 @@ def run(recipe: dict[str, Any], parent: Path, options: RunOptions) -> dict[str, 
             groups.setdefault(name, []).append({**_score(run_dir, pairs_spec, cache), "seconds": seconds})
             atomic_write_json(cache_path, cache)
     atomic_write_json(cache_path, cache)
-    base_correct = np.mean([m["correct"] for m in groups[baseline]], axis=0)
+    members = {name: np.stack([np.asarray(m["correct"], dtype=np.float64) for m in group])
+               for name, group in groups.items()}
     base_mean = float(np.mean([m["accuracy"] for m in groups[baseline]]))
     table = [{"model": "teacher", "accuracy_mean": teacher["accuracy"], "accuracy_sd": None, "seeds": 1,
-              "gain_pt": None, "ci95_pt": None, "gap_closed": None, "wall_s": rows[0]["seconds"]}]
-    for name, members in groups.items():
-        accuracies = [m["accuracy"] for m in members]
+              "gain_pt": None, "ci95_pt": None, "ci95_seeds_pt": None, "gap_closed": None, "wall_s": rows[0]["seconds"]}]
+    for name, group in groups.items():
+        accuracies = [m["accuracy"] for m in group]
         row = {"model": name, "accuracy_mean": float(np.mean(accuracies)),
                "accuracy_sd": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else None,
-               "seeds": len(members), "gain_pt": None, "ci95_pt": None, "gap_closed": None,
-               "wall_s": float(np.mean([m["seconds"] for m in members]))}
+               "seeds": len(group), "gain_pt": None, "ci95_pt": None, "ci95_seeds_pt": None, "gap_closed": None,
+               "wall_s": float(np.mean([m["seconds"] for m in group]))}
         if name != baseline:
-            stats = paired_bootstrap(base_correct, np.mean([m["correct"] for m in members], axis=0),
-                                     resamples=resamples, seed=0)
-            row["gain_pt"] = round(100 * stats["difference"], 2)
-            row["ci95_pt"] = f"{100 * stats['ci_low']:.2f} .. {100 * stats['ci_high']:.2f}"
+            over_pairs = paired_bootstrap(members[baseline].mean(axis=0), members[name].mean(axis=0),
+                                          resamples=resamples, seed=0)
+            over_seeds = paired_bootstrap(members[baseline], members[name], resamples=resamples, seed=0)
+            row["gain_pt"] = round(100 * over_pairs["difference"], 2)
+            row["ci95_pt"] = _interval(over_pairs)
+            row["ci95_seeds_pt"] = _interval(over_seeds) if len(seeds) > 1 else None
             gap = teacher["accuracy"] - base_mean
             row["gap_closed"] = round((row["accuracy_mean"] - base_mean) / gap, 3) if gap > 0 else None
         table.append(row)
-    atomic_write_text(parent / "results.md", _markdown(table, pairs_spec, seeds, baseline))
+    contrasts = _contrasts(members, baseline, resamples)
+    atomic_write_text(parent / "results.md", _markdown(table, contrasts, pairs_spec, seeds, baseline))
     parent_run.add_output(parent / "results.md", "report-md")
-    parent_run.set_results(runs=rows, table=table)
+    parent_run.set_results(runs=rows, table=table, contrasts=contrasts)
     parent_run.finish()
-    return {"run_dir": str(parent), "tables": {"runs": rows, f"accuracy on {pairs_spec}": table},
+    return {"run_dir": str(parent), "tables": {"runs": rows, f"accuracy on {pairs_spec}": table,
+                                               "variant vs variant": contrasts},
             "summary": {"run_dir": str(parent), "results": str(parent / "results.md")}}
 
 
-def _markdown(table: list[dict[str, Any]], pairs_spec: str, seeds: list[int], baseline: str) -> str:
-    lines = [f"Pairs: `{pairs_spec}`; seeds {seeds}; gains are over `{baseline}` with a 95% paired-bootstrap CI.",
-             "", "| model | accuracy (mean +- sd) | seeds | gain (pt) | 95% CI (pt) | gap closed | wall s/run |",
-             "|---|---|---|---|---|---|---|"]
+def _interval(stats: dict[str, Any]) -> str:
+    return f"{100 * stats['ci_low']:.2f} .. {100 * stats['ci_high']:.2f}"
+
+
+def _contrasts(members: dict[str, Any], baseline: str, resamples: int) -> list[dict[str, Any]]:
+    """Every pair of non-baseline variants: B - A with the CI over pairs and seeds, and a plain verdict."""
+    from shrinkcli.evaluate.bootstrap import paired_bootstrap
+
+    names = [n for n in members if n != baseline]
+    rows = []
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            stats = paired_bootstrap(members[first], members[second], resamples=resamples, seed=0)
+            rows.append({"a": first, "b": second, "difference_pt": round(100 * stats["difference"], 2),
+                         "ci95_pt": _interval(stats), "resampled": stats["resampled"],
+                         "verdict": ("b better" if stats["ci_low"] > 0 else "a better") if stats["excludes_zero"]
+                         else "within noise"})
+    return rows
+
+
+def _markdown(table: list[dict[str, Any]], contrasts: list[dict[str, Any]], pairs_spec: str, seeds: list[int],
+              baseline: str) -> str:
+    lines = [f"Pairs: `{pairs_spec}`; seeds {seeds}; gains are over `{baseline}` with 95% paired-bootstrap CIs: "
+             "over pairs (seed-mean correctness per pair), and over pairs and seeds (covers training noise).",
+             "", "| model | accuracy (mean +- sd) | seeds | gain (pt) | 95% CI, pairs (pt) | 95% CI, pairs + seeds (pt) "
+             "| gap closed | wall s/run |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in table:
         gain = "" if r["gain_pt"] is None else f"{r['gain_pt']:+.2f}"
         closed = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
         spread = f" +- {100 * r['accuracy_sd']:.2f}" if r["seeds"] > 1 else ""  # one seed has no sd
         lines.append(f"| {r['model']} | {100 * r['accuracy_mean']:.2f}{spread} | {r['seeds']} "
-                     f"| {gain} | {r['ci95_pt'] or ''} | {closed} | {r['wall_s']:.0f} |")
+                     f"| {gain} | {r['ci95_pt'] or ''} | {r.get('ci95_seeds_pt') or ''} | {closed} | {r['wall_s']:.0f} |")
+    if contrasts:
+        lines += ["", "Variant against variant (B - A, 95% CI over pairs and seeds):", "",
+                  "| A | B | B - A (pt) | 95% CI (pt) | verdict |", "|---|---|---|---|---|"]
+        lines += [f"| {c['a']} | {c['b']} | {c['difference_pt']:+.2f} | {c['ci95_pt']} | {c['verdict']} |"
+                  for c in contrasts]
     return "\n".join(lines) + "\n"
