@@ -125,13 +125,15 @@ def run(recipe_path: str | Path | None, overrides: list[str], options: RunOption
 
         return experiment.run(recipe, parent, options)
     configs = _stage_configs(recipe, parent)
-    parent_run = RunDir.create("pipeline", run_dir=parent, exist_ok=True,
-                               config={"recipe": str(recipe_path), "overrides": overrides,
-                                       "stages": {s: c.to_dict() for s, c in configs.items()}})
-    parent_run.add_input(recipe_path, "recipe")
-    rows, results = [], {}
     # Under torchrun every rank trains; only rank 0 touches files and runs export/verify.
     rank = int(os.environ.get("RANK", "0"))
+    parent_run = None
+    if rank == 0:
+        parent_run = RunDir.create("pipeline", run_dir=parent, exist_ok=True,
+                                   config={"recipe": str(recipe_path), "overrides": overrides,
+                                           "stages": {s: c.to_dict() for s, c in configs.items()}})
+        parent_run.add_input(recipe_path, "recipe")
+    rows, results = [], {}
     try:
         for stage in STAGES:
             if rank != 0 and stage in ("export", "verify"):
@@ -152,13 +154,15 @@ def run(recipe_path: str | Path | None, overrides: list[str], options: RunOption
             rows.append({"stage": stage, "action": "resumed" if resume else "ran",
                          "seconds": round(time.perf_counter() - started, 1), "run_dir": str(run_dir)})
     except BaseException:
-        parent_run.set_results(stages=rows)
-        parent_run.finish("failed")
+        if parent_run is not None:
+            parent_run.set_results(stages=rows)
+            parent_run.finish("failed")
         raise
-    for stage in STAGES:
-        parent_run.add_input(parent / stage / MANIFEST, f"{stage}-manifest")
-    parent_run.set_results(stages=rows, **{f"{s}_summary": results.get(s, {}) for s in STAGES})
-    parent_run.finish()
+    if parent_run is not None:
+        for stage in STAGES:
+            parent_run.add_input(parent / stage / MANIFEST, f"{stage}-manifest")
+        parent_run.set_results(stages=rows, **{f"{s}_summary": results.get(s, {}) for s in STAGES})
+        parent_run.finish()
     verify_summary = results.get("verify", {})
     return {"run_dir": str(parent), "tables": {"pipeline": rows},
             "summary": {"run_dir": str(parent), **{k: v for k, v in verify_summary.items()
