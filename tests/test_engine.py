@@ -1,5 +1,7 @@
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -105,6 +107,53 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_bitwise(tmp_path, sam
         assert torch.equal(expected[key], got[key]), key
     lines = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 19))
+
+
+class CtrlCTask(ToyTask):
+    """Sends this process SIGINT (what Ctrl-C does) during the loss of the given calls."""
+
+    def __init__(self, at_calls, presses: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.at_calls, self.presses = set(at_calls), presses
+
+    def loss(self, images, labels, indices, flipped):
+        out = super().loss(images, labels, indices, flipped)
+        if self.calls in self.at_calls:
+            for _ in range(self.presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_path):
+    torch.manual_seed(0)
+    full_task = ToyTask()
+    init = _weights(full_task)
+    Trainer(toy_config(epochs=2), make_run(tmp_path, "full"), full_task, ToyFaces()).fit()
+
+    def load_init(task):
+        for name, module in task.modules().items():
+            module.load_state_dict({k[len(name) + 1:]: v for k, v in init.items() if k.startswith(name + ".")})
+        return task
+
+    run = make_run(tmp_path, "interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(toy_config(epochs=2, save_every_steps=0), run, load_init(CtrlCTask({5})), ToyFaces()).fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # handler restored
+    assert load_manifest(run.path)["status"] == "interrupted"
+    state = load_checkpoint(run.path / "weights" / "last.pt")
+    assert state["step"] == 5                                                   # the step in flight finished
+    resumed = load_init(ToyTask())
+    Trainer(toy_config(epochs=2), run, resumed, ToyFaces()).fit(resume=run.path)
+    expected, got = _weights(full_task), _weights(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+    twice = make_run(tmp_path, "twice")
+    task = load_init(CtrlCTask({3}, presses=2))
+    with pytest.raises(KeyboardInterrupt):      # a second Ctrl-C inside the same step stops at once
+        Trainer(toy_config(epochs=2, save_every_steps=0), twice, task, ToyFaces()).fit()
+    assert task.calls == 3 and load_manifest(twice.path)["status"] == "interrupted"
+    last = twice.path / "weights" / "last.pt"
+    assert not last.exists() or load_checkpoint(last)["step"] < 3     # no checkpoint of the unfinished step
 
 
 def test_nan_stop_names_step_and_last_checkpoint(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,7 @@ class Trainer:
                            "input_size": config.input_size, "channel_order": "RGB"}
         self.autocast_dtype = amp_dtype(config.amp, self.device)
         self.epoch = self.position = self.step = self.nan_skips = 0
+        self.stop_requested = False
         self.best_accuracy: float | None = None
         self.last_good: Path | None = None
         self.last_val: dict[str, Any] | None = None
@@ -164,7 +167,8 @@ class Trainer:
             total = min(total, self.config.max_steps)
         progress = ProgressView(self.is_main, total, self.step, self.config.log_every)
         try:
-            last_loss = self._loop(metrics, progress, total)
+            with self._stop_on_ctrl_c():
+                last_loss = self._loop(metrics, progress, total)
         except KeyboardInterrupt:
             self._mark("interrupted")
             raise
@@ -178,6 +182,33 @@ class Trainer:
             self._validate()
         summary = self._finish(metrics, last_loss, time.perf_counter() - started)
         return summary
+
+    @contextlib.contextmanager
+    def _stop_on_ctrl_c(self):
+        """First Ctrl-C: finish the current step, write an exactly resumable checkpoint, stop.
+        A second Ctrl-C stops at once. Under torchrun the ranks would have to agree on the step
+        to stop at, so there Ctrl-C keeps its default meaning (resume from the last checkpoint)."""
+        if self.dist.enabled or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            log.warning("Ctrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to stop now)")
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop_now(self) -> None:
+        path = self.save()
+        if path is not None:
+            log.warning(f"interrupted at step {self.step}: checkpoint {path}; continue with --resume {path.parent.parent}")
+        raise KeyboardInterrupt
 
     def _loader(self) -> torch.utils.data.DataLoader:
         workers = max(0, self.config.workers)
@@ -197,7 +228,16 @@ class Trainer:
             flips = ddp.flip_flags(config.seed, self.epoch, len(self.dataset)) if config.flip else None
             for module in self.modules.values():
                 module.train()
-            for images, labels, indices in loader:
+            batches = iter(loader)
+            while True:
+                try:
+                    images, labels, indices = next(batches)
+                except StopIteration:
+                    break
+                except RuntimeError:
+                    if self.stop_requested:      # Ctrl-C also reached the loader's worker processes
+                        self._stop_now()
+                    raise
                 loss_value, logs = self._train_step(images, labels, indices, flips)
                 last_loss = loss_value
                 window_images += len(images) * self.dist.world_size
@@ -212,6 +252,8 @@ class Trainer:
                     if self.is_main:
                         metrics.log_step(record)
                     progress.update(self.step, self.epoch, {k: record[k] for k in ("loss", "lr", "img_per_s")})
+                if self.stop_requested:
+                    self._stop_now()
                 if config.save_every_steps and self.step % config.save_every_steps == 0:
                     self.save()
                 if self.step >= total:
