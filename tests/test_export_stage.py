@@ -135,3 +135,18 @@ def test_bad_input_exits_2(tmp_path, args, message):
     result = runner.invoke(app, ["export", "--project", str(tmp_path / "empty"), *args])
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_exported_graphs_record_the_training_crop(tmp_path):
+    from shrinkcli.evaluate.runners import open_runner
+
+    weights = save_model_safetensors(_tiny_student(), tmp_path / "cropped.safetensors", preprocess={
+        "mean": 127.5, "std": 127.5, "crop": 40, "input_size": SIZE, "channel_order": "RGB"})
+    out = tmp_path / "export"
+    result, _ = _export("--weights", str(weights), "--dtype", "fp16", "--run-dir", str(out))
+    assert result.exit_code == 0, result.output
+    for name in ("model.onnx", "model-fp16.onnx"):
+        meta = {p.key: p.value for p in onnx.load(str(out / name)).metadata_props}
+        assert meta["crop"] == "40", name
+        runner = open_runner(str(out / name), "model")
+        assert runner.crop == 40 and runner.crop_recorded   # verify/compare crop like training, unasked

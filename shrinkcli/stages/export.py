@@ -71,7 +71,10 @@ def _write_onnx_variants(model, meta, source: Artifact, config: ExportConfig, sp
     from shrinkcli.export.quantize import quantize_int8
 
     written: dict[str, Path] = {}
-    extra = {"source_file": Path(source.path).name}
+    extra: dict[str, Any] = {"source_file": Path(source.path).name}
+    crop = (meta.get("preprocess") or {}).get("crop")
+    if crop:    # the centre crop the model was trained with: a deployment must crop the same way
+        extra["crop"] = str(int(crop))
     written["onnx"] = export_onnx(model, out.file(FILES["onnx"]), spec, opset=config.opset,
                                   source_sha256=source.sha256, extra_metadata=extra, prelu=config.prelu)
     info: dict[str, Any] = {}
