@@ -186,3 +186,23 @@ def test_hf_save_to_disk_round_trip(tmp_path):
     from shrinkcli.data import detect_kind
 
     assert detect_kind(tmp_path / "hf") == "hf"
+
+
+def test_recordio_writer_streams_a_generator_and_checks_its_promises(tmp_path):
+    pulled = []
+
+    def samples():
+        for label, colour in [(0, "red"), (0, "blue"), (1, "green"), (2, "white")]:
+            pulled.append(label)
+            yield label, _png(colour)
+
+    stats = write_recordio(tmp_path / "rec", samples(), 3, lambda: (16, 20), count=4)
+    assert stats["images"] == 4 and pulled == [0, 0, 1, 2]
+    assert (tmp_path / "rec" / "property").read_text() == "3,20,16\n"
+    data = open_dataset(f"rec:{tmp_path / 'rec'}", input_size=None)
+    assert len(data) == 4 and list(data.labels) == [0, 0, 1, 2]
+    with pytest.raises(ValueError, match="promised 5 samples and got 4"):
+        write_recordio(tmp_path / "short", samples(), 3, (16, 20), count=5)
+    with pytest.raises(ValueError, match="sorted by label"):
+        write_recordio(tmp_path / "unsorted", iter([(1, _png("red")), (0, _png("red"))]), 2, (16, 20), count=2)
+    assert not (tmp_path / "short" / "train.rec").exists()      # a failed write leaves no partial file

@@ -140,15 +140,19 @@ def pack(data: str, output: str, bin_pairs: int | None = None, quality: int = 95
     dataset = open_dataset(data, input_size=None)
     started = time.perf_counter()
     order = np.argsort(dataset.labels, kind="stable")
-    samples, sizes = [], Counter()
-    for count, index in enumerate(order, start=1):
-        blob, size = _encode(dataset, int(index), image_format, quality)
-        samples.append((int(dataset.labels[index]), blob))
-        sizes[size] += 1
-        if count % 1000 == 0:
-            log.info(f"packed {count}/{len(order)} images")
+    sizes: Counter = Counter()
+
+    def encoded():   # one image at a time: a large folder never sits in memory
+        for count, index in enumerate(order, start=1):
+            blob, size = _encode(dataset, int(index), image_format, quality)
+            sizes[size] += 1
+            if count % 1000 == 0:
+                log.info(f"packed {count}/{len(order)} images")
+            yield int(dataset.labels[index]), blob
+
+    stats = write_recordio(out, encoded(), dataset.num_classes, lambda: sizes.most_common(1)[0][0],
+                           count=len(order))
     common_size = sizes.most_common(1)[0][0]
-    stats = write_recordio(out, samples, dataset.num_classes, common_size)
     summary = {"source": dataset.spec, "output": str(out), "images": stats["images"],
                "identities": stats["identities"], "rec_bytes": stats["bytes"], "format": image_format,
                "property": f"{dataset.num_classes},{common_size[1]},{common_size[0]}"}
