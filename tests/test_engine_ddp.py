@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
     result = Trainer(toy_config(epochs=2, batch_size=4, max_steps=3), run, task, ToyFaces()).fit()
     state = {{f"{{n}}.{{k}}": v for n, m in task.modules().items() for k, v in m.state_dict().items()}}
     torch.save(state, {out!r} + f"/rank{{info.rank}}.pt")
-    print("world", result["world_size"], "steps", result["steps"])
+    print("world", result["world_size"], "steps", result["steps"], flush=True)
 """)
 
 
@@ -41,7 +41,7 @@ def test_two_gloo_processes_end_identical_and_resume_on_one(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("world 2 steps 3") == 2
+    assert proc.stdout.count("world 2 steps 3") == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key in rank0:
