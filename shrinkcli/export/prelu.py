@@ -22,19 +22,18 @@ import numpy as np
 PRELU_MODES = ("split", "native")
 
 
-def _per_channel_slope(proto, name: str) -> np.ndarray | None:
-    """The slope as a [C] vector if `name` is a constant of shape [C, 1, 1] or [1, C, 1, 1] (per-channel on NCHW)."""
+def _per_channel_slope(initializer) -> np.ndarray | None:
+    """The slope as a [C] vector if it is a constant of shape [C, 1, 1] or [1, C, 1, 1] (per-channel on NCHW)."""
     from onnx import numpy_helper
 
-    for init in proto.graph.initializer:
-        if init.name == name:
-            slope = numpy_helper.to_array(init)
-            if slope.ndim == 4 and slope.shape[0] == 1:
-                slope = slope[0]
-            # A single slope broadcast over every channel ([1, 1, 1]) is not per-channel: keep it.
-            if slope.ndim == 3 and slope.shape[0] > 1 and slope.shape[1:] == (1, 1) and slope.dtype == np.float32:
-                return slope.reshape(-1)
-            return None
+    if initializer is None:
+        return None
+    slope = numpy_helper.to_array(initializer)
+    if slope.ndim == 4 and slope.shape[0] == 1:
+        slope = slope[0]
+    # A single slope broadcast over every channel ([1, 1, 1]) is not per-channel: keep it.
+    if slope.ndim == 3 and slope.shape[0] > 1 and slope.shape[1:] == (1, 1) and slope.dtype == np.float32:
+        return slope.reshape(-1)
     return None
 
 
@@ -45,46 +44,54 @@ def split_prelu(proto) -> int:
     """
     from onnx import helper, numpy_helper
 
-    rewritten = 0
-    replaced_slopes: set[str] = set()
-    nodes = []
-    used = {init.name for init in proto.graph.initializer}
+    graph = proto.graph
+    initializers = {init.name: init for init in graph.initializer}
+    used = set(initializers) | {v.name for v in [*graph.input, *graph.output]}
+    used |= {name for node in graph.node for name in [*node.input, *node.output, node.name]}
 
-    def constant(base: str, values: np.ndarray) -> str:
+    def fresh(base: str) -> str:
         name, k = base, 0
         while name in used:
             k += 1
             name = f"{base}_{k}"
         used.add(name)
-        proto.graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), name))
         return name
 
-    def channel_scale(source: str, scale: np.ndarray, output: str) -> None:
-        channels = scale.size
+    def constant(base: str, values: np.ndarray) -> str:
+        name = fresh(base)
+        graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), name))
+        return name
+
+    def channel_scale(source: str, scale: np.ndarray, base: str) -> str:
+        channels, output = scale.size, fresh(base)
         stats = [constant(f"{output}_scale", scale), constant(f"{output}_bias", np.zeros(channels)),
                  constant(f"{output}_mean", np.zeros(channels)), constant(f"{output}_var", np.ones(channels))]
         nodes.append(helper.make_node("BatchNormalization", [source, *stats], [output], epsilon=0.0,
-                                      name=f"{output}_bn"))
+                                      name=fresh(f"{output}_bn")))
+        return output
 
-    for node in proto.graph.node:
-        slope = _per_channel_slope(proto, node.input[1]) if node.op_type == "PRelu" else None
+    nodes = []
+    replaced_slopes: set[str] = set()
+    rewritten = 0
+    for node in graph.node:
+        slope = _per_channel_slope(initializers.get(node.input[1])) if node.op_type == "PRelu" else None
         if slope is None:
             nodes.append(node)
             continue
         source, output = node.input[0], node.output[0]
         prefix = node.name or output
-        nodes.append(helper.make_node("Relu", [source], [f"{prefix}_relu"], name=f"{prefix}_relu"))
-        channel_scale(source, slope, f"{prefix}_scaled")
-        channel_scale(f"{prefix}_relu", 1.0 - slope, f"{prefix}_scaled_relu")
-        nodes.append(helper.make_node("Add", [f"{prefix}_scaled", f"{prefix}_scaled_relu"], [output],
-                                      name=f"{prefix}_sum"))
+        relu = fresh(f"{prefix}_relu")
+        nodes.append(helper.make_node("Relu", [source], [relu], name=fresh(f"{prefix}_relu_node")))
+        scaled = channel_scale(source, slope, f"{prefix}_scaled")
+        scaled_relu = channel_scale(relu, 1.0 - slope, f"{prefix}_scaled_relu")
+        nodes.append(helper.make_node("Add", [scaled, scaled_relu], [output], name=fresh(f"{prefix}_sum")))
         replaced_slopes.add(node.input[1])
         rewritten += 1
     if rewritten:
-        del proto.graph.node[:]
-        proto.graph.node.extend(nodes)
-        live = {name for node in proto.graph.node for name in node.input}
-        kept = [init for init in proto.graph.initializer if init.name in live or init.name not in replaced_slopes]
-        del proto.graph.initializer[:]
-        proto.graph.initializer.extend(kept)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        live = {name for node in graph.node for name in node.input}
+        kept = [init for init in graph.initializer if init.name in live or init.name not in replaced_slopes]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
     return rewritten
