@@ -51,7 +51,7 @@ def _plan(recipe: dict[str, Any]) -> tuple[list[int], str, str, dict[str, dict[s
 def _train(stage: str, config: Any, run_dir: Path, options: RunOptions) -> tuple[str, float]:
     from shrinkcli.stages import pipeline
 
-    state, resume = pipeline.prepare_stage(run_dir, config.to_dict())
+    state, resume = pipeline.prepare_stage(run_dir, config)
     if state == "done":
         return "skipped (up to date)", float(load_manifest(run_dir).get("results", {}).get("wall_s") or 0.0)
     log.info(f"[{run_dir.name}] {'resuming' if resume else 'running'}")

@@ -61,7 +61,20 @@ def _normalised(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config, default=str))
 
 
-def stage_state(run_dir: Path, config: dict[str, Any]) -> str:
+def _same_config(saved: dict[str, Any], config: Any) -> bool:
+    """Equal configs, where a key the saved run does not know (an option added in a later version)
+    counts as equal when it is at its default: upgrading shrink must not re-run finished studies."""
+    current = _normalised(config.to_dict() if hasattr(config, "to_dict") else config)
+    saved = _normalised(saved)
+    if hasattr(config, "to_dict"):
+        defaults = _normalised(type(config)().to_dict())
+        for key in set(current) - set(saved):
+            if key in defaults and current[key] == defaults[key]:
+                del current[key]
+    return saved == current
+
+
+def stage_state(run_dir: Path, config: Any) -> str:
     """'fresh' (nothing there), 'done' (up to date), 'resumable' or 'stale'."""
     if not (run_dir / MANIFEST).is_file():
         return "fresh"
@@ -69,7 +82,7 @@ def stage_state(run_dir: Path, config: dict[str, Any]) -> str:
         manifest = load_manifest(run_dir)
     except BadInputError:
         return "stale"
-    if _normalised(manifest.get("config", {})) != _normalised(config):
+    if not _same_config(manifest.get("config", {}), config):
         return "stale"
     if manifest.get("status") != "completed":
         return "resumable" if (run_dir / "weights" / "last.pt").is_file() else "stale"
@@ -83,7 +96,7 @@ def stage_state(run_dir: Path, config: dict[str, Any]) -> str:
     return "done"
 
 
-def prepare_stage(run_dir: Path, config: dict[str, Any], *, force: bool = False,
+def prepare_stage(run_dir: Path, config: Any, *, force: bool = False,
                   may_write: bool = True) -> tuple[str, str | None]:
     """(state, resume source): an up-to-date stage is 'done'; a stale one is removed so its
     outputs are replaced, not mixed; a resumable one resumes from its own run dir."""
@@ -140,7 +153,7 @@ def run(recipe_path: str | Path | None, overrides: list[str], options: RunOption
                 continue
             run_dir = parent / stage
             config = configs[stage]
-            state, resume = prepare_stage(run_dir, config.to_dict(), force=force, may_write=rank == 0)
+            state, resume = prepare_stage(run_dir, config, force=force, may_write=rank == 0)
             started = time.perf_counter()
             if state == "done":
                 log.info(f"[{stage}] up to date, skipped ({run_dir})")
