@@ -91,3 +91,18 @@ def test_failed_gate_stops_with_exit_1(finished):
     assert result.exit_code == 1, result.output
     assert "gate" in result.stderr
     assert _manifest(Path(root) / "pipeline" / "quickstart")["status"] == "failed"
+
+
+def test_options_added_later_at_their_default_keep_finished_runs_up_to_date(tmp_path):
+    from shrinkcli.config import DistillConfig
+    from shrinkcli.rundir import RunDir
+    from shrinkcli.stages.pipeline import stage_state
+
+    config = DistillConfig(teacher="t.safetensors", data="synthetic:2:2:0")
+    saved = config.to_dict()
+    del saved["cache_dtype"]                       # a run finished before the option existed
+    run = RunDir.create("distill", run_dir=tmp_path / "old", config=saved)
+    run.finish()
+    assert stage_state(tmp_path / "old", config) == "done"
+    assert stage_state(tmp_path / "old", config.replace("test", cache_dtype="float32")) == "stale"
+    assert stage_state(tmp_path / "old", config.replace("test", epochs=config.epochs + 1)) == "stale"
