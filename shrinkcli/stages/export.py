@@ -85,15 +85,17 @@ def _write_onnx_variants(model, meta, source: Artifact, config: ExportConfig, sp
         if config.calib_data:
             from shrinkcli.export.check import load_pixels
 
-            pixels = load_pixels(config.calib_data, config.calib_images, input_size=spec.input_size,
-                                 crop=(meta.get("preprocess") or {}).get("crop"))
+            pixels = load_pixels(config.calib_data, config.calib_images, input_size=spec.input_size, crop=crop)
             calib = spec.graph_input(pixels)
-        # onnxruntime's quantizer cannot quantize the split PReLU's per-channel BatchNormalization
-        # scales, and int8 graphs do not use the blocked fp32 layout the split exists for.
-        with tempfile.TemporaryDirectory(prefix="shrink-int8-src-", dir=out.path) as tmp:
-            native = export_onnx(model, Path(tmp) / "native.onnx", spec, opset=config.opset,
-                                 source_sha256=source.sha256, extra_metadata=extra, prelu="native")
-            info = quantize_int8(native, out.file(FILES["onnx-int8"]), calib)
+        if config.prelu == "native":
+            info = quantize_int8(written["onnx"], out.file(FILES["onnx-int8"]), calib)
+        else:
+            # onnxruntime's quantizer cannot quantize the split PReLU's per-channel BatchNormalization
+            # scales, and int8 graphs do not use the blocked fp32 layout the split exists for.
+            with tempfile.TemporaryDirectory(prefix="shrink-int8-src-", dir=out.path) as tmp:
+                native = export_onnx(model, Path(tmp) / "native.onnx", spec, opset=config.opset,
+                                     source_sha256=source.sha256, extra_metadata=extra, prelu="native")
+                info = quantize_int8(native, out.file(FILES["onnx-int8"]), calib)
         written["onnx-int8"] = out.path / FILES["onnx-int8"]
     for kind, path in written.items():
         out.add_output(path, kind)
