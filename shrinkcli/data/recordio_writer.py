@@ -82,4 +82,4 @@ def write_recordio(folder: str | os.PathLike, samples: Iterable[tuple[int, bytes
         image_size = image_size()
     atomic_write_text(folder / "train.idx", "\n".join(lines) + "\n")
     atomic_write_text(folder / "property", f"{num_classes},{image_size[1]},{image_size[0]}\n")
-    return {"images": images, "identities": num_classes, "bytes": offset}
+    return {"images": images, "identities": num_classes, "bytes": offset, "image_size": tuple(image_size)}

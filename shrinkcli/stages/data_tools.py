@@ -152,7 +152,7 @@ def pack(data: str, output: str, bin_pairs: int | None = None, quality: int = 95
 
     stats = write_recordio(out, encoded(), dataset.num_classes, lambda: sizes.most_common(1)[0][0],
                            count=len(order))
-    common_size = sizes.most_common(1)[0][0]
+    common_size = stats["image_size"]
     summary = {"source": dataset.spec, "output": str(out), "images": stats["images"],
                "identities": stats["identities"], "rec_bytes": stats["bytes"], "format": image_format,
                "property": f"{dataset.num_classes},{common_size[1]},{common_size[0]}"}
