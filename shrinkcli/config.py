@@ -231,7 +231,7 @@ class ExportConfig(Config):
     include_preprocess: bool = False
     preprocess_layout: Literal["nchw", "nhwc"] = "nhwc"
     normalize_output: bool = False
-    prelu: Literal["split", "native"] = "split"   # split: fast in onnxruntime on x86; native: one PRelu op
+    prelu: Literal["split", "residual", "native"] = "split"   # split/residual: fast in onnxruntime fp32/int8; native: one PRelu op
     check: bool = True
     check_data: Optional[str] = None
     check_images: int = 32              # images for the parity check (from check_data/calib_data or generated)

@@ -152,13 +152,13 @@ def test_exported_graphs_record_the_training_crop(tmp_path):
         assert runner.crop == 40 and runner.crop_recorded   # verify/compare crop like training, unasked
 
 
-@pytest.mark.parametrize("prelu", ["split", "native"])
-def test_int8_is_quantized_from_a_native_prelu_graph_either_way(weights, tmp_path, prelu):
+@pytest.mark.parametrize("prelu, int8_source", [("split", "residual"), ("residual", "residual"), ("native", "native")])
+def test_int8_is_quantized_from_a_graph_its_kernels_run_fast(weights, tmp_path, prelu, int8_source):
     out = tmp_path / "export"
     result, _ = _export("--weights", str(weights), "--quantize", "int8", "--run-dir", str(out),
                         "--set", f"prelu={prelu}", "--set", "min_cosine=0.9")
     assert result.exit_code == 0, result.output
     fp32 = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
     int8 = {p.key: p.value for p in onnx.load(str(out / "model-int8.onnx")).metadata_props}
-    assert fp32["prelu"] == prelu and int8["prelu"] == "native" and int8["dtype"] == "int8"
+    assert fp32["prelu"] == prelu and int8["prelu"] == int8_source and int8["dtype"] == "int8"
     assert not [p for p in out.iterdir() if p.name.startswith("shrink-int8")]     # no temp dirs left

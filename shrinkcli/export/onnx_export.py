@@ -209,15 +209,16 @@ def export_onnx(model, path: str | Path, spec: GraphSpec, *, opset: int = 18, so
                 extra_metadata: dict[str, Any] | None = None, exporter: str = "auto", prelu: str = "split") -> Path:
     """Export `model` to `path` (fp32) with metadata; returns the path.
 
-    `prelu="split"` rewrites per-channel PReLU for onnxruntime's blocked CPU kernels (see
-    shrinkcli.export.prelu); "native" keeps the PRelu operator for runtimes that fuse it.
+    `prelu="split"` rewrites per-channel PReLU for onnxruntime's fp32 CPU kernels, "residual" for
+    its int8 ones (see shrinkcli.export.prelu); "native" keeps the PRelu operator for runtimes that
+    fuse it.
     """
-    from shrinkcli.export.prelu import PRELU_MODES, split_prelu
+    from shrinkcli.export.prelu import PRELU_MODES, rewrite_prelu
 
     if prelu not in PRELU_MODES:
         raise BadInputError(f"prelu must be one of {', '.join(PRELU_MODES)}, got {prelu!r}")
     proto = to_onnx_proto(model, spec, opset=opset, exporter=exporter)
-    rewritten = split_prelu(proto) if prelu == "split" else 0
+    rewritten = rewrite_prelu(proto, prelu) if prelu != "native" else 0
     set_metadata(proto, build_metadata(model, spec, dtype="fp32", source_sha256=source_sha256,
-                                       extra={**(extra_metadata or {}), "prelu": "split" if rewritten else "native"}))
+                                       extra={**(extra_metadata or {}), "prelu": prelu if rewritten else "native"}))
     return save_proto(proto, path)

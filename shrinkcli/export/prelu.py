@@ -1,25 +1,29 @@
-"""Rewrite per-channel PReLU so onnxruntime's x86 kernels keep their blocked (NCHWc) layout.
+"""Rewrite per-channel PReLU into operators onnxruntime runs fast, in fp32 and in int8.
 
-onnxruntime runs convolutions on x86 in a blocked channel layout (NCHWc) and keeps tensors in it
-across Conv, BatchNormalization, Relu, Add and pooling, but it has no blocked PReLU: every PRelu
-node gets a ReorderOutput before it and a ReorderInput after it, two full copies of the feature
-map. MobileFaceNet has 33 PReLUs, so those copies cost more than the network's arithmetic
-(measured 10.5 -> 5.7 ms per 112 px image at one thread once they are gone).
+onnxruntime has no fast PReLU on x86. In fp32 it runs convolutions in a blocked channel layout
+(NCHWc) and has no blocked PRelu, so each PRelu node gets two layout copies of the feature map
+around it; in int8 it has no integer PRelu at all, so each one is dequantized, run in fp32 and
+quantized again. MobileFaceNet has 33 PReLUs, so either way they cost more than the convolutions.
 
-The identity used, for a per-channel slope `a`:
+Two exact rewrites of PReLU(y) for a per-channel slope `a` with every a <= 1 (trained face
+networks' slopes lie in about -0.2..1.0):
 
-    PReLU(y) = a * y + (1 - a) * ReLU(y)
+    split:     PReLU(y) = a * y + ReLU((1 - a) * y)      (fp32: both scalings become blocked
+                                                          depthwise 1x1 convolutions, the ReLU and
+                                                          the sum fuse into them)
+    residual:  PReLU(y) = y + ReLU((a - 1) * y)          (int8: one integer Mul whose output range
+                                                          starts at 0 carries the ReLU, one integer Add)
 
-where both per-channel scalings are BatchNormalization nodes (scale a or 1 - a, mean 0, var 1,
-epsilon 0), which onnxruntime's blocked layout handles as depthwise 1x1 convolutions. The result
-equals PReLU up to float rounding; the export parity check confirms it on every file written.
+A node with any slope above 1 falls back to the general identity
+`a * y + (1 - a) * ReLU(y)`, exact for every slope. The results equal PReLU up to float rounding;
+the export parity check confirms it on every file written.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-PRELU_MODES = ("split", "native")
+PRELU_MODES = ("split", "residual", "native")
 
 
 def _per_channel_slope(initializer) -> np.ndarray | None:
@@ -37,13 +41,16 @@ def _per_channel_slope(initializer) -> np.ndarray | None:
     return None
 
 
-def split_prelu(proto) -> int:
-    """Rewrite every per-channel PRelu of `proto` in place; returns how many were rewritten.
+def rewrite_prelu(proto, form: str) -> int:
+    """Rewrite every per-channel PRelu of `proto` in place into `form` ("split" or "residual").
 
-    PRelu nodes whose slope is not a per-channel float32 constant are left as they are.
+    Returns how many were rewritten; PRelu nodes whose slope is not a per-channel float32 constant
+    are left as they are.
     """
     from onnx import helper, numpy_helper
 
+    if form not in ("split", "residual"):
+        raise ValueError(f"unknown PReLU form {form!r}")
     graph = proto.graph
     initializers = {init.name: init for init in graph.initializer}
     used = set(initializers) | {v.name for v in [*graph.input, *graph.output]}
@@ -57,18 +64,15 @@ def split_prelu(proto) -> int:
         used.add(name)
         return name
 
-    def constant(base: str, values: np.ndarray) -> str:
-        name = fresh(base)
-        graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), name))
-        return name
-
-    def channel_scale(source: str, scale: np.ndarray, base: str) -> str:
-        channels, output = scale.size, fresh(base)
-        stats = [constant(f"{output}_scale", scale), constant(f"{output}_bias", np.zeros(channels)),
-                 constant(f"{output}_mean", np.zeros(channels)), constant(f"{output}_var", np.ones(channels))]
-        nodes.append(helper.make_node("BatchNormalization", [source, *stats], [output], epsilon=0.0,
-                                      name=fresh(f"{output}_bn")))
+    def op(op_type: str, inputs: list[str], base: str, output: str | None = None) -> str:
+        output = output or fresh(base)
+        nodes.append(helper.make_node(op_type, inputs, [output], name=fresh(f"{base}_node")))
         return output
+
+    def scaled(source: str, scale: np.ndarray, base: str) -> str:
+        factor = fresh(f"{base}_factor")   # [C, 1, 1] broadcasts over NCHW per channel
+        graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32).reshape(-1, 1, 1), factor))
+        return op("Mul", [source, factor], base)
 
     nodes = []
     replaced_slopes: set[str] = set()
@@ -78,13 +82,16 @@ def split_prelu(proto) -> int:
         if slope is None:
             nodes.append(node)
             continue
-        source, output = node.input[0], node.output[0]
-        prefix = node.name or output
-        relu = fresh(f"{prefix}_relu")
-        nodes.append(helper.make_node("Relu", [source], [relu], name=fresh(f"{prefix}_relu_node")))
-        scaled = channel_scale(source, slope, f"{prefix}_scaled")
-        scaled_relu = channel_scale(relu, 1.0 - slope, f"{prefix}_scaled_relu")
-        nodes.append(helper.make_node("Add", [scaled, scaled_relu], [output], name=fresh(f"{prefix}_sum")))
+        y, output, prefix = node.input[0], node.output[0], node.name or node.output[0]
+        if slope.max() > 1.0:     # general identity: exact for any slope
+            positive = op("Relu", [y], f"{prefix}_relu")
+            terms = [scaled(y, slope, f"{prefix}_ay"), scaled(positive, 1.0 - slope, f"{prefix}_relu_scaled")]
+        elif form == "split":
+            terms = [scaled(y, slope, f"{prefix}_ay"),
+                     op("Relu", [scaled(y, 1.0 - slope, f"{prefix}_by")], f"{prefix}_relu")]
+        else:
+            terms = [y, op("Relu", [scaled(y, slope - 1.0, f"{prefix}_my")], f"{prefix}_relu")]
+        op("Add", terms, f"{prefix}_sum", output=output)
         replaced_slopes.add(node.input[1])
         rewritten += 1
     if rewritten:

@@ -83,8 +83,9 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_inputs: np.
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     source_props = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
     if source_props.get("prelu") == "split":
-        raise BadInputError(f"{fp32_path} has its PReLUs split for fp32 onnxruntime, which int8 quantization cannot use",
-                            hint="quantize a graph exported with prelu=native (`shrink export --quantize int8` does this)")
+        raise BadInputError(f"{fp32_path} has its PReLUs written for fp32 onnxruntime (prelu=split), which runs "
+                            "slowly once quantized",
+                            hint="quantize a graph exported with prelu=residual (`shrink export --quantize int8` does this)")
     with tempfile.TemporaryDirectory(prefix="shrink-int8-", dir=out_path.parent) as tmp:
         workdir = Path(tmp)
         prepared = _preprocessed(fp32_path, workdir)

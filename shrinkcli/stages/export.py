@@ -87,15 +87,15 @@ def _write_onnx_variants(model, meta, source: Artifact, config: ExportConfig, sp
 
             pixels = load_pixels(config.calib_data, config.calib_images, input_size=spec.input_size, crop=crop)
             calib = spec.graph_input(pixels)
-        if config.prelu == "native":
+        if config.prelu != "split":
             info = quantize_int8(written["onnx"], out.file(FILES["onnx-int8"]), calib)
         else:
-            # onnxruntime's quantizer cannot quantize the split PReLU's per-channel BatchNormalization
-            # scales, and int8 graphs do not use the blocked fp32 layout the split exists for.
+            # The fp32 split form would leave onnxruntime requantizing every ReLU's input; the
+            # residual form is the one its integer kernels run fastest (shrinkcli.export.prelu).
             with tempfile.TemporaryDirectory(prefix="shrink-int8-src-", dir=out.path) as tmp:
-                native = export_onnx(model, Path(tmp) / "native.onnx", spec, opset=config.opset,
-                                     source_sha256=source.sha256, extra_metadata=extra, prelu="native")
-                info = quantize_int8(native, out.file(FILES["onnx-int8"]), calib)
+                residual = export_onnx(model, Path(tmp) / "residual.onnx", spec, opset=config.opset,
+                                       source_sha256=source.sha256, extra_metadata=extra, prelu="residual")
+                info = quantize_int8(residual, out.file(FILES["onnx-int8"]), calib)
         written["onnx-int8"] = out.path / FILES["onnx-int8"]
     for kind, path in written.items():
         out.add_output(path, kind)
