@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from shrinkcli.models.layers import check_input_size, check_width, scaled
+from shrinkcli.models.prelu import PReLU
 from shrinkcli.models.registry import FaceOutput, register_model
 
 IRESNET_LAYOUTS: dict[str, list[int]] = {
@@ -46,7 +47,7 @@ class IBasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(in_ch, eps=1e-05)
         self.conv1 = _conv3x3(in_ch, out_ch)
         self.bn2 = nn.BatchNorm2d(out_ch, eps=1e-05)
-        self.prelu = nn.PReLU(out_ch)
+        self.prelu = PReLU(out_ch)
         self.conv2 = _conv3x3(out_ch, out_ch, stride)
         self.bn3 = nn.BatchNorm2d(out_ch, eps=1e-05)
         self.downsample = downsample
@@ -66,7 +67,7 @@ class IResNet(nn.Module):
         channels = [scaled(c, width) for c in STAGE_BASE_CHANNELS]
         self.conv1 = nn.Conv2d(3, channels[0], 3, 1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels[0], eps=1e-05)
-        self.prelu = nn.PReLU(channels[0])
+        self.prelu = PReLU(channels[0])
         in_ch = channels[0]
         for index, (blocks, out_ch) in enumerate(zip(layers, channels), start=1):
             setattr(self, f"layer{index}", self._make_layer(in_ch, out_ch, blocks))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from shrinkcli.errors import BadInputError
+from shrinkcli.models.prelu import PReLU
 from shrinkcli.models.registry import FaceOutput
 
 
@@ -37,7 +38,7 @@ def check_width(width: float, arch: str) -> float:
 def activation(act: str, channels: int) -> nn.Module:
     """PReLU (the face-recognition default) or ReLU, which int8 runtimes fuse into the convolution."""
     if act == "prelu":
-        return nn.PReLU(channels)
+        return PReLU(channels)
     if act == "relu":
         return nn.ReLU(inplace=True)
     raise ValueError(f"unknown activation {act!r} (prelu or relu)")
