@@ -45,7 +45,8 @@ def make_step(task, optimizer, images, labels, *, bf16: bool, channels_last: boo
     for module in (task.teacher, task.student, task.criterion):
         module.to(memory_format=memory_format)
     images = images.contiguous(memory_format=memory_format)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    device_type = images.device.type
+    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def step() -> None:
         with autocast():
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=112)
     parser.add_argument("--steps", type=int, default=20, help="steps per timed sample")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only checks that the script runs")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True

@@ -62,3 +62,18 @@ def test_peak_rss_is_the_childs_own_not_the_parents():
     big, _, _ = peak_rss([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"])
     assert code == 0 and small < 200 and big > 300
     del ballast
+
+
+def test_gpu_distill_script_runs_end_to_end_on_cpu():
+    # The GPU benchmark cannot be timed here, but it must not rot: run it tiny on CPU.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_distill.py"
+    result = subprocess.run([sys.executable, str(script), "--device", "cpu", "--teacher", "r18", "--batch", "2",
+                             "--input-size", "32", "--steps", "1", "--repeats", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| bf16 + channels_last |" in result.stdout and "| fp32 NCHW |" in result.stdout
+    assert "of the bound" in result.stdout
