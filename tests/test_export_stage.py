@@ -162,3 +162,18 @@ def test_int8_is_quantized_from_a_graph_its_kernels_run_fast(weights, tmp_path, 
     int8 = {p.key: p.value for p in onnx.load(str(out / "model-int8.onnx")).metadata_props}
     assert fp32["prelu"] == prelu and int8["prelu"] == int8_source and int8["dtype"] == "int8"
     assert not [p for p in out.iterdir() if p.name.startswith("shrink-int8")]     # no temp dirs left
+
+
+def test_fp32_and_int8_files_come_from_one_torch_export(weights, tmp_path, monkeypatch):
+    import shrinkcli.export.onnx_export as onnx_export
+
+    calls = []
+    real = onnx_export.to_onnx_proto
+    monkeypatch.setattr(onnx_export, "to_onnx_proto", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "export"
+    result, _ = _export("--weights", str(weights), "--quantize", "int8", "--run-dir", str(out),
+                        "--set", "min_cosine=0.9")
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1
+    ops = [node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node]
+    assert "PRelu" not in ops and ops.count("Mul") > ops.count("Relu")       # split: two Muls per PReLU

@@ -206,18 +206,26 @@ def save_proto(proto, path: str | Path) -> Path:
 
 
 def export_onnx(model, path: str | Path, spec: GraphSpec, *, opset: int = 18, source_sha256: str | None = None,
-                extra_metadata: dict[str, Any] | None = None, exporter: str = "auto", prelu: str = "split") -> Path:
+                extra_metadata: dict[str, Any] | None = None, exporter: str = "auto", prelu: str = "split",
+                graph=None) -> Path:
     """Export `model` to `path` (fp32) with metadata; returns the path.
 
     `prelu="split"` rewrites per-channel PReLU for onnxruntime's fp32 CPU kernels, "residual" for
     its int8 ones (see shrinkcli.export.prelu); "native" keeps the PRelu operator for runtimes that
-    fuse it.
+    fuse it. `graph`, the ModelProto `to_onnx_proto(model, spec)` returned, writes several forms
+    from one export (the torch exporter takes seconds); it is copied, not changed.
     """
+    import onnx
+
     from shrinkcli.export.prelu import PRELU_MODES, rewrite_prelu
 
     if prelu not in PRELU_MODES:
         raise BadInputError(f"prelu must be one of {', '.join(PRELU_MODES)}, got {prelu!r}")
-    proto = to_onnx_proto(model, spec, opset=opset, exporter=exporter)
+    if graph is None:
+        proto = to_onnx_proto(model, spec, opset=opset, exporter=exporter)
+    else:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(graph)
     rewritten = rewrite_prelu(proto, prelu) if prelu != "native" else 0
     set_metadata(proto, build_metadata(model, spec, dtype="fp32", source_sha256=source_sha256,
                                        extra={**(extra_metadata or {}), "prelu": prelu if rewritten else "native"}))

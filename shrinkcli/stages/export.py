@@ -67,7 +67,7 @@ def _parity_pixels(config: ExportConfig, spec, crop: int | None):
 
 def _write_onnx_variants(model, meta, source: Artifact, config: ExportConfig, spec, out: RunDir) -> dict:
     from shrinkcli.export.fp16 import convert_fp16
-    from shrinkcli.export.onnx_export import export_onnx
+    from shrinkcli.export.onnx_export import export_onnx, to_onnx_proto
     from shrinkcli.export.quantize import quantize_int8
 
     written: dict[str, Path] = {}
@@ -75,7 +75,8 @@ def _write_onnx_variants(model, meta, source: Artifact, config: ExportConfig, sp
     crop = (meta.get("preprocess") or {}).get("crop")
     if crop:    # the centre crop the model was trained with: a deployment must crop the same way
         extra["crop"] = str(int(crop))
-    written["onnx"] = export_onnx(model, out.file(FILES["onnx"]), spec, opset=config.opset,
+    graph = to_onnx_proto(model, spec, opset=config.opset)   # one torch export for the fp32 and int8 forms
+    written["onnx"] = export_onnx(model, out.file(FILES["onnx"]), spec, opset=config.opset, graph=graph,
                                   source_sha256=source.sha256, extra_metadata=extra, prelu=config.prelu)
     info: dict[str, Any] = {}
     if config.dtype == "fp16":
@@ -93,7 +94,7 @@ def _write_onnx_variants(model, meta, source: Artifact, config: ExportConfig, sp
             # The fp32 split form would leave onnxruntime requantizing every ReLU's input; the
             # residual form is the one its integer kernels run fastest (shrinkcli.export.prelu).
             with tempfile.TemporaryDirectory(prefix="shrink-int8-src-", dir=out.path) as tmp:
-                residual = export_onnx(model, Path(tmp) / "residual.onnx", spec, opset=config.opset,
+                residual = export_onnx(model, Path(tmp) / "residual.onnx", spec, opset=config.opset, graph=graph,
                                        source_sha256=source.sha256, extra_metadata=extra, prelu="residual")
                 info = quantize_int8(residual, out.file(FILES["onnx-int8"]), calib)
         written["onnx-int8"] = out.path / FILES["onnx-int8"]
