@@ -120,6 +120,24 @@ def verify(
 
 
 @app.command()
+def embed(
+    model: str = typer.Argument(..., help="Model to embed with: .onnx, .safetensors, .pt, or a run dir (as verify --model)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Labelled images to embed (a data spec), e.g. MegaFace distractors."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store folder; an unfinished store of the same model and data is continued."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float16 (default, half the disk) or float32."),
+    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Images per chunk, the unit of resume (default 4096)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward (default 64)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a store made from another model, data or settings."),
+    config: Optional[Path] = CONFIG,
+    overrides: Optional[List[str]] = SET,
+) -> None:
+    """Embed a data set once into a resumable feature store (read by verify for probes and distractors)."""
+    options = dict(model=model, data=data, out=str(out) if out else None, dtype=dtype, chunk_size=chunk_size,
+                   batch_size=batch_size, overwrite=overwrite)
+    _call_stage("embed", _run_options("runs", None, None, False), config=lambda: _build_config("embed", config, options, overrides))
+
+
+@app.command()
 def pipeline(
     recipe: Optional[Path] = typer.Argument(None, help="TOML recipe (default: the built-in quickstart on synthetic data)."),
     overrides: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key: --set distill.epochs=3 (or common.KEY=...)."),

@@ -262,11 +262,31 @@ class VerifyConfig(Config):
     flip: bool = True                   # add the horizontally flipped image's embedding
 
 
+@dataclass
+class EmbedConfig(Config):
+    model: Optional[str] = None         # .onnx, .safetensors, .pt or a run dir (as verify --model)
+    data: Optional[str] = None          # labelled data spec whose every image is embedded
+    out: Optional[str] = None           # store folder: store.json + features.npy + labels.npy
+    dtype: Literal["float16", "float32"] = "float16"   # stored feature type: half the disk, or exact
+    chunk_size: int = 4096              # images per chunk: the unit of resume after a kill
+    batch_size: int = 64                # images per forward
+    crop: Optional[int] = None          # centre crop before resize (default: the model's recorded crop)
+    flip: bool = True                   # add the horizontally flipped image's embedding (as verify)
+    overwrite: bool = False             # replace a store made from another model, data or settings
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("chunk_size", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise BadInputError(f"{key}={getattr(self, key)} must be > 0")
+
+
 STAGE_CONFIGS: dict[str, type[Config]] = {
     "teacher": TeacherConfig,
     "distill": DistillConfig,
     "export": ExportConfig,
     "verify": VerifyConfig,
+    "embed": EmbedConfig,
 }
 
 
