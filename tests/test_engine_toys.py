@@ -12,10 +12,11 @@ from shrinkcli.losses.margin import MarginHead
 class ToyBackbone(nn.Module):
     """conv-BN-PReLU-pool-linear: has every parameter kind the optimizer groups care about."""
 
-    def __init__(self, embedding_size: int = 8):
+    def __init__(self, embedding_size: int = 8, norm: bool = True):
         super().__init__()
         self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(6)
+        # Without BatchNorm a step's loss does not depend on how the batch is split over processes.
+        self.bn = nn.BatchNorm2d(6) if norm else nn.Identity()
         self.act = nn.PReLU(6)
         self.fc = nn.Linear(6, embedding_size)
         self.arch, self.arch_kwargs = "toy", {"embedding_size": embedding_size}
@@ -44,8 +45,8 @@ class ToyFaces(torch.utils.data.Dataset):
 
 
 class ToyTask:
-    def __init__(self, num_classes: int = 4, sample_rate: float = 1.0, nan_at_steps=()):
-        self.backbone = ToyBackbone()
+    def __init__(self, num_classes: int = 4, sample_rate: float = 1.0, nan_at_steps=(), norm: bool = True):
+        self.backbone = ToyBackbone(norm=norm)
         self.head = MarginHead(8, num_classes, kind="cosface", scale=16.0, sample_rate=sample_rate)
         self.nan_at_steps = set(nan_at_steps)
         self.calls = 0
@@ -54,10 +55,14 @@ class ToyTask:
     def modules(self):
         return {"backbone": self.backbone, "head": self.head}
 
+    def distribute(self, wrap):
+        self.backbone_step, self.head_step = wrap(self.backbone), wrap(self.head)
+
     def loss(self, images, labels, indices, flipped):
         self.calls += 1
         self.seen_flips.append(flipped.cpu())
-        loss = self.head(self.backbone(images), labels)
+        backbone, head = getattr(self, "backbone_step", self.backbone), getattr(self, "head_step", self.head)
+        loss = head(backbone(images), labels)
         if self.calls in self.nan_at_steps:
             loss = loss * float("nan")
         return loss, {"margin": loss.detach()}

@@ -38,6 +38,20 @@ class CacheRequest:
     stage_dtype: str = "float16"
 
 
+class StudentStep(nn.Module):
+    """Student forward + distillation terms as one module, so DDP sees every trainable tensor of a
+    step (student and adapters) in a single forward call."""
+
+    def __init__(self, student: nn.Module, criterion: DistillCriterion):
+        super().__init__()
+        self.student, self.criterion = student, criterion
+
+    def forward(self, images, teacher_stages, teacher_embedding):
+        out = self.student.forward_features(images)
+        total, terms = self.criterion(out.stages, out.embedding, teacher_stages, teacher_embedding)
+        return total, terms, out.embedding
+
+
 def freeze(module: nn.Module) -> nn.Module:
     module.eval()
     for param in module.parameters():
@@ -59,6 +73,9 @@ class DistillTask:
         self.device = torch.device("cpu")
         self.channels_last = False
         self.teacher_steps = 0          # teacher forward passes made during training (0 when cached)
+        criterion.freeze_unused_adapters()
+        self.student_step: nn.Module = StudentStep(student, criterion)
+        self.head_step = head
 
     def modules(self) -> dict[str, nn.Module]:
         # The backbone comes first: the engine saves it as the checkpoint's "model".
@@ -66,6 +83,11 @@ class DistillTask:
         if self.head is not None:
             modules["head"] = self.head
         return modules
+
+    def distribute(self, wrap) -> None:
+        self.student_step = wrap(self.student_step)
+        if self.head is not None:
+            self.head_step = wrap(self.head)
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {"teacher": self.teacher}
@@ -131,11 +153,10 @@ class DistillTask:
         else:
             t_stages, t_emb = self.teacher_outputs(images)
             self.teacher_steps += 1
-        out = self.student.forward_features(images)
-        total, terms = self.criterion(out.stages, out.embedding, t_stages, t_emb)
+        total, terms, embedding = self.student_step(images, t_stages, t_emb)
         logs: dict[str, Any] = {"distill": total.detach()}
         if self.head is not None:
-            margin = self.head(out.embedding, labels)
+            margin = self.head_step(embedding, labels)
             total = total + margin
             logs["margin"] = margin.detach()
         logs.update(terms)

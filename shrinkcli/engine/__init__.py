@@ -3,7 +3,7 @@
 A stage builds a *task* and hands it to `Trainer(config, run, task, dataset, val_pairs).fit(resume)`.
 The engine owns everything around the maths: device and AMP, channels_last, the data loader and
 its resumable sampler, the random horizontal flip of each batch, optimizer and schedule, gradient
-clipping, distributed gradient averaging, NaN policy, checkpoints, validation, metrics and progress.
+clipping, DistributedDataParallel, NaN policy, checkpoints, validation, metrics and progress.
 
 The task protocol (`TrainTask`) is deliberately small:
 
@@ -18,6 +18,10 @@ The task protocol (`TrainTask`) is deliberately small:
 - `embedder() -> nn.Module`: maps a normalised batch to embeddings, for periodic validation.
 - optional `frozen_modules() -> dict[str, nn.Module]`: moved to the device and channels_last, put
   in eval mode with gradients off, never optimised or checkpointed (e.g. a distillation teacher).
+- `distribute(wrap)` (needed under torchrun): called once before the first step; the task passes
+  each module whose forward it calls per step to `wrap` (torch DistributedDataParallel) and calls
+  the returned module from then on. A sharded module (whose gradients must not be all-reduced)
+  is simply not wrapped.
 - optional `on_start(trainer)`: called once before the first step (after a resume has been
   restored), e.g. to precompute a teacher cache with `trainer.device`.
 """

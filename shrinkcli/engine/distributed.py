@@ -1,14 +1,16 @@
 """Distributed data parallel helpers: torchrun detection, process group, sampler, gradient sync.
 
 `torchrun --nproc_per_node=N -m shrinkcli teacher ...` sets RANK/WORLD_SIZE/LOCAL_RANK; we join a
-process group (nccl on CUDA, gloo on CPU). Every rank keeps a full replica of every trainable
-module; after backward the engine averages gradients with bucketed all-reduces (so any task's
-modules work unwrapped, whatever their call structure) and averages BatchNorm buffers before each
+process group (nccl on CUDA, gloo on CPU). The modules a task calls every step are wrapped in
+torch's DistributedDataParallel (the task says which through `distribute(wrap)`), so gradients are
+averaged in buckets that overlap the backward pass; BatchNorm buffers are averaged before each
 evaluation and checkpoint. Only rank 0 logs and writes files.
 
+`batch_size` is the GLOBAL batch B; each of the W processes takes B / W images per step.
+
 Sampling is defined in GLOBAL sample positions: epoch e visits a permutation of the dataset seeded
-by (seed, e); optimizer step k of that epoch consumes positions [k*W*B, (k+1)*W*B) and rank r takes
-its B-slice. A checkpoint stores the position, so a run can resume mid-epoch on a different number
+by (seed, e); optimizer step k of that epoch consumes positions [k*B, (k+1)*B) and rank r takes
+its slice of B / W. A checkpoint stores the position, so a run can resume mid-epoch on a different number
 of processes (W) and still visit each sample of the epoch exactly once.
 """
 
@@ -59,11 +61,35 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def resolve_device(device: str, info: DistInfo) -> torch.device:
+    """The device this process trains on; a device this machine lacks is bad input, not a crash.
+
+    Under torchrun every process uses the GPU of its LOCAL_RANK: `cuda:N` would put every rank on
+    GPU N, so it is refused there (choose GPUs with CUDA_VISIBLE_DEVICES instead)."""
+    from shrinkcli.errors import BadInputError
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and info.enabled:
-        return torch.device("cuda", info.local_rank)
-    return torch.device(device)
+    try:
+        wanted = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise BadInputError(f"device={device!r} is not a device name", hint="use auto, cpu, cuda or cuda:N") from exc
+    if wanted.type not in ("cpu", "cuda"):
+        raise BadInputError(f"device={device!r} is not supported", hint="use auto, cpu, cuda or cuda:N")
+    if wanted.type == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise BadInputError(f"device={device!r} but this machine has no CUDA GPU", hint="use --device cpu or auto")
+    if info.enabled:
+        if wanted.index is not None:
+            raise BadInputError(f"device={device!r} under torchrun would put every process on one GPU",
+                                hint="pass --device cuda (each process takes the GPU of its LOCAL_RANK) and "
+                                     "choose GPUs with CUDA_VISIBLE_DEVICES")
+        wanted = torch.device("cuda", info.local_rank)
+    if (wanted.index or 0) >= count:
+        raise BadInputError(f"device={device!r} but this machine has {count} CUDA GPU(s)",
+                            hint=f"use cuda:0..cuda:{count - 1}")
+    return wanted
 
 
 def _active() -> bool:
@@ -110,43 +136,17 @@ def broadcast_modules(modules: Iterable[nn.Module], src: int = 0) -> None:
             dist.broadcast(tensor.data, src=src)
 
 
-def average_gradients(params: list[nn.Parameter], bucket_bytes: int = 32 << 20) -> None:
-    """Average .grad across ranks, flattening into buckets to keep the all-reduce count low."""
-    import torch.distributed as dist
+def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """torch DistributedDataParallel around a module the task calls every step (a no-op alone).
 
-    if not _active():
-        return
-    world = dist.get_world_size()
-    for param in params:
-        # A parameter unused on one rank must still join the same all-reduce buckets as on the others.
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-    grads = [p.grad for p in params]
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for grad in grads + [None]:
-        if grad is not None and bucket and (size + grad.numel() * grad.element_size() > bucket_bytes
-                                            or grad.dtype != bucket[0].dtype):
-            _reduce_bucket(bucket, world)
-            bucket, size = [], 0
-        if grad is None:
-            if bucket:
-                _reduce_bucket(bucket, world)
-            break
-        bucket.append(grad)
-        size += grad.numel() * grad.element_size()
+    Buffers are not broadcast at every forward: each process keeps its own BatchNorm statistics
+    and `average_buffers` makes them equal before each validation and checkpoint."""
+    if not _active() or not any(p.requires_grad for p in module.parameters()):
+        return module
+    from torch.nn.parallel import DistributedDataParallel
 
-
-def _reduce_bucket(bucket: list[torch.Tensor], world: int) -> None:
-    import torch.distributed as dist
-
-    flat = torch.cat([g.reshape(-1) for g in bucket])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for grad in bucket:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
 
 
 def average_buffers(modules: Iterable[nn.Module]) -> None:

@@ -48,8 +48,8 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 class Trainer:
     def __init__(self, config, run, task, dataset, val_pairs=None):
         self.config, self.run, self.task, self.dataset, self.val_pairs = config, run, task, dataset, val_pairs
-        self.dist = ddp.init_distributed(config.device)
-        self.device = ddp.resolve_device(config.device, self.dist)
+        self.device = ddp.resolve_device(config.device, ddp.env_dist_info())  # checked before joining a group
+        self.dist = ddp.init_distributed(str(self.device))
         self.is_main = self.dist.is_main
         self.modules: dict[str, torch.nn.Module] = dict(task.modules())
         if not self.modules:
@@ -65,8 +65,16 @@ class Trainer:
         self.last_good: Path | None = None
         self.last_val: dict[str, Any] | None = None
         self.throughput: list[float] = []  # img/s of each logged window (the first includes warm-up)
-        self.sampler = ddp.GlobalBatchSampler(len(dataset), config.batch_size, seed=config.seed,
-                                              rank=self.dist.rank, world_size=self.dist.world_size)
+        # batch_size is the global batch: a recipe trains the same way on any number of processes
+        # (same steps, same schedule). A per-process batch would halve the steps at 2 ranks, and a
+        # short run's BatchNorm running statistics then never converge (an eval-mode collapse).
+        if config.batch_size % self.dist.world_size:
+            raise BadInputError(f"batch_size={config.batch_size} is not divisible by the {self.dist.world_size} "
+                                "processes of this run", hint="batch_size is the global batch; make it a multiple "
+                                                              "of --nproc_per_node x nodes")
+        self.sampler = ddp.GlobalBatchSampler(len(dataset), config.batch_size // self.dist.world_size,
+                                              seed=config.seed, rank=self.dist.rank,
+                                              world_size=self.dist.world_size)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         if self.steps_per_epoch == 0:
             raise BadInputError(f"the training data has {len(dataset)} images, fewer than one global batch "
@@ -88,6 +96,16 @@ class Trainer:
             module.to(self.device, memory_format=memory_format).train()
         for module in self.frozen.values():
             module.to(self.device, memory_format=memory_format).eval().requires_grad_(False)
+
+    def _distribute(self) -> None:
+        """Under torchrun, let the task route its per-step forward passes through DDP wrappers."""
+        if not self.dist.enabled:
+            return
+        distribute = getattr(self.task, "distribute", None)
+        if distribute is None:
+            raise BadInputError(f"{type(self.task).__name__} cannot train on several processes",
+                                hint="implement distribute(wrap) on the task, or run one process")
+        distribute(lambda module: ddp.wrap_ddp(module, self.device))
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -153,6 +171,7 @@ class Trainer:
         else:
             seed_everything(self.config.seed + self.dist.rank)
         ddp.broadcast_modules(list(self.modules.values()))
+        self._distribute()
         if self.run is not None and self.is_main:
             self.run.set_device(str(self.device) + (f" x{self.dist.world_size}" if self.dist.enabled else ""))
             if resumed_from:
@@ -278,8 +297,7 @@ class Trainer:
         buffers = ([b.detach().clone() for b in self.float_buffers] if self.config.nan_policy == "skip" else None)
         with self._autocast():
             loss, logs = self.task.loss(images, labels, indices, flipped)
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        ddp.average_gradients(self.params)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()  # DDP all-reduces here
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad)
@@ -294,6 +312,9 @@ class Trainer:
             with torch.no_grad():
                 for buf, saved in zip(self.float_buffers, buffers or []):
                     buf.copy_(saved)
+            if self.scaler is not None:
+                # unscale_ already ran for this step: without update() the next step's unscale_ raises.
+                self.scaler.update()
         elif self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -336,6 +357,11 @@ class Trainer:
         if self.val_pairs is not None and (self.epoch % every == 0 or self.epoch == self.config.epochs):
             result = self._validate()
             row["val_accuracy"] = result["accuracy"]
+            spread = result.get("embedding_spread")
+            if spread is not None and spread < 0.01 and self.is_main:
+                log.warning(f"epoch {self.epoch}: validation embeddings are nearly identical for every image "
+                            f"(spread {spread:.2g}): the model's BatchNorm running statistics have not converged "
+                            "or it collapsed; train more steps (a smaller batch_size or more epochs)")
             improved = self.best_accuracy is None or result["accuracy"] > self.best_accuracy
             if improved:
                 self.best_accuracy = result["accuracy"]

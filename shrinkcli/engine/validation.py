@@ -1,43 +1,29 @@
 """Periodic verification during training: embed the pairs' images, k-fold accuracy.
 
-Uses the project's evaluation module (`shrinkcli.evaluate`) when it is available; the small
-fallback here follows the same insightface protocol (flip-sum embeddings, L2-normalised, squared
-L2 distance, thresholds 0..4 step 0.01 chosen on k-1 folds and applied to the held-out fold).
+Same protocol as `shrink verify` (flip-summed, L2-normalised embeddings, k-fold accuracy). The
+result also carries `embedding_spread`, one minus the squared norm of the mean normalised embedding:
+about 1 for a healthy model, near 0 when every image maps to the same direction (for example a
+network whose BatchNorm running statistics have not converged yet), which accuracy alone hides.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-
-def _embed_fallback(fn: Callable, images: torch.Tensor, *, mean: float, std: float, batch_size: int = 64) -> np.ndarray:
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = (images[start:start + batch_size].float() - mean) / std
-        emb = fn(batch) + fn(batch.flip(3))
-        out.append(torch.nn.functional.normalize(emb.float(), dim=1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+from shrinkcli.evaluate import embed
+from shrinkcli.evaluate.verification import evaluate_pairs
 
 
-def _kfold_fallback(emb: np.ndarray, pairs, nfolds: int = 10) -> dict[str, Any]:
-    dist = ((emb[pairs.left] - emb[pairs.right]) ** 2).sum(1)
-    issame = np.asarray(pairs.issame, bool)
-    folds = getattr(pairs, "folds", None)
-    if folds is None:
-        folds = np.arange(len(dist)) * nfolds // max(1, len(dist))
-    thresholds = np.arange(0, 4, 0.01)
-    accs = []
-    for fold in np.unique(folds):
-        test, train = folds == fold, folds != fold
-        if not train.any():
-            train = test
-        train_acc = [((dist[train] < t) == issame[train]).mean() for t in thresholds]
-        best = thresholds[int(np.argmax(train_acc))]
-        accs.append(((dist[test] < best) == issame[test]).mean())
-    return {"accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs))}
+def embedding_spread(embeddings: np.ndarray) -> float:
+    """1 - |mean of the L2-normalised rows|^2: 0 when all rows point the same way."""
+    rows = np.asarray(embeddings, dtype=np.float64)
+    if len(rows) == 0:
+        return 0.0
+    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    return float(1.0 - np.sum(rows.mean(0) ** 2))
 
 
 def verify_pairs(model: torch.nn.Module, pairs, *, mean: float, std: float, device: torch.device,
@@ -55,13 +41,9 @@ def verify_pairs(model: torch.nn.Module, pairs, *, mean: float, std: float, devi
             return model(batch).float()
 
     try:
-        try:
-            from shrinkcli.evaluate import embed
-            from shrinkcli.evaluate.verification import evaluate_pairs
-        except ImportError:
-            emb = _embed_fallback(fn, pairs.images, mean=mean, std=std, batch_size=batch_size)
-            return _kfold_fallback(emb, pairs)
         emb = embed(fn, pairs.images, mean=mean, std=std, batch_size=batch_size, flip=True)
-        return evaluate_pairs(emb, pairs)
+        result = evaluate_pairs(emb, pairs)
+        result["embedding_spread"] = embedding_spread(emb)
+        return result
     finally:
         model.train(was_training)

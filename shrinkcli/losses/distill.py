@@ -121,6 +121,13 @@ class DistillCriterion(torch.nn.Module):
         self.adapters = StageAdapters(student_channels, teacher_channels,
                                       embedding_sizes=(student_embedding, teacher_embedding))
 
+    def freeze_unused_adapters(self) -> None:
+        """Adapters of inactive terms never see a gradient; marking them frozen keeps them out of
+        the optimizer and of DDP, which would otherwise wait for their gradients forever."""
+        for k, adapter in enumerate(self.adapters.stages):
+            adapter.requires_grad_(k in self.active_stages)
+        self.adapters.embedding.requires_grad_(self.embed_active)
+
     @property
     def needs_teacher_stages(self) -> bool:
         return bool(self.active_stages)

@@ -28,12 +28,17 @@ class MarginTask:
 
     def __init__(self, backbone, head):
         self.backbone, self.head = backbone, head
+        self.backbone_step, self.head_step = backbone, head
 
     def modules(self):
         return {"backbone": self.backbone, "head": self.head}
 
+    def distribute(self, wrap):
+        self.backbone_step = wrap(self.backbone)
+        self.head_step = wrap(self.head)
+
     def loss(self, images, labels, indices, flipped):
-        loss = self.head(self.backbone(images), labels)
+        loss = self.head_step(self.backbone_step(images), labels)
         return loss, {"margin_loss": loss.detach()}
 
     def embedder(self):
