@@ -243,7 +243,7 @@ class VerifyConfig(Config):
     model: Optional[str] = None
     reference: Optional[str] = None
     teacher: Optional[str] = None
-    data: Optional[str] = None
+    data: Optional[str] = None          # labelled images (a data spec) or a feature store of the model (shrink embed)
     pairs: Optional[str] = None
     input_size: Optional[int] = None
     crop: Optional[int] = None
@@ -254,7 +254,7 @@ class VerifyConfig(Config):
     max_gap: Optional[float] = None
     parity_images: int = 64
     batch_size: int = 64
-    distractors: Optional[str] = None
+    distractors: Optional[str] = None   # images without identity (a data spec) or a feature store of the model
     ijb: Optional[str] = None            # IJB-B/C root: meta files + images/ (1:1 template verification)
     megaface: bool = False              # MegaFace rank-1 of --data probes against `distractors`
     identification: bool = True         # rank-1 on --data when it is a labelled set

@@ -86,14 +86,15 @@ def run_ijb(runner: Any, root: str, *, crop: int | None, batch_size: int = 64, f
 
 
 def run_megaface(runner: Any, probes: str, distractors: str, *, crop: int | None, batch_size: int = 64,
-                 flip: bool = True) -> dict[str, Any]:
-    """MegaFace challenge-1 rank-1: each (probe, genuine) trial against every distractor, streamed."""
-    from shrinkcli.evaluate.images import embedded_chunks, open_labelled
-    from shrinkcli.evaluate.megaface import megaface_rank1
+                 flip: bool = True, role: str = "model") -> dict[str, Any]:
+    """MegaFace challenge-1 rank-1: each (probe, genuine) trial against every distractor, streamed.
 
-    probe_set = open_labelled(probes, input_size=runner.input_size, crop=crop)
-    probe_emb = np.concatenate(list(embedded_chunks(runner, probe_set, batch_size=batch_size, flip=flip)))
-    distractor_set = open_labelled(distractors, input_size=runner.input_size, crop=crop)
-    chunks = embedded_chunks(runner, distractor_set, batch_size=batch_size, flip=flip)
-    return {"probes": probes, "distractor_set": distractors,
-            **megaface_rank1(probe_emb, np.asarray(probe_set.labels), chunks)}
+    `probes` and `distractors` are labelled image sets or feature stores of this runner's model.
+    """
+    from shrinkcli.evaluate.megaface import megaface_rank1
+    from shrinkcli.evaluate.sources import distractor_rows, labelled_embeddings
+
+    options = dict(crop=crop, batch_size=batch_size, flip=flip, role=role)
+    probe_emb, labels = labelled_embeddings(probes, runner, **options)
+    rows = distractor_rows(distractors, runner, probes=len(probe_emb), **options)
+    return {"probes": probes, "distractor_set": distractors, **megaface_rank1(probe_emb, labels, rows)}

@@ -56,7 +56,10 @@ def _check_parity(model, reference, config: VerifyConfig, crop) -> dict[str, Any
     if reference.input_size != model.input_size:
         raise BadInputError(f"reference input size {reference.input_size} differs from the model's {model.input_size}",
                             hint="compare an artifact with the weights it was exported from")
-    pixels, origin = parity_pixels(config.data, config.parity_images, input_size=model.input_size, crop=crop)
+    from shrinkcli.evaluate.store import is_store
+
+    images = None if is_store(config.data) else config.data   # a store holds no pixels: generated images
+    pixels, origin = parity_pixels(images, config.parity_images, input_size=model.input_size, crop=crop)
     result = parity(model.raw(pixels, batch_size=config.batch_size), reference.raw(pixels, batch_size=config.batch_size))
     result.update(images_from=origin, reference=str(reference.path),
                   min_cosine_required=config.min_cosine if config.min_cosine is not None else DEFAULT_MIN_COSINE[model.dtype],
@@ -99,21 +102,30 @@ def _identification(runner, config: VerifyConfig, crop, role: str = "model") -> 
     import numpy as np
 
     from shrinkcli.evaluate.identification import rank1_from_labelled
-    from shrinkcli.evaluate.images import embedded_chunks, open_labelled
+    from shrinkcli.evaluate.sources import StoreMismatchError, distractor_rows, labelled_embeddings
 
-    dataset = open_labelled(config.data, input_size=runner.input_size, crop=crop)
-    counts = np.bincount(np.unique(dataset.labels, return_inverse=True)[1])
-    if (counts >= 2).sum() == 0:
-        return {"skipped": f"{config.data} has no identity with two or more images"}
-    chunks = dict(batch_size=config.batch_size, flip=config.flip)
-    emb = np.concatenate(list(embedded_chunks(runner, dataset, **chunks)))
-    distractors = None
-    if config.distractors:
-        distractor_set = open_labelled(config.distractors, input_size=runner.input_size, crop=crop)
-        distractors = embedded_chunks(runner, distractor_set, **chunks)
-    result = rank1_from_labelled(emb, dataset.labels, distractors)
+    options = dict(crop=crop, batch_size=config.batch_size, flip=config.flip, role=role)
+    try:
+        emb, labels = labelled_embeddings(config.data, runner, **options)
+        counts = np.bincount(np.unique(labels, return_inverse=True)[1])
+        if (counts >= 2).sum() == 0:
+            return {"skipped": f"{config.data} has no identity with two or more images"}
+        distractors = None
+        if config.distractors:
+            distractors = distractor_rows(config.distractors, runner, probes=int((counts - 1).sum()), **options)
+        result = rank1_from_labelled(emb, labels, distractors)
+    except StoreMismatchError as exc:
+        if role == "model":
+            raise
+        return _skipped_store(role, exc)
     log.info(f"{role} ({runner.path.name}): rank-1 {100 * result['rank1']:.2f}% ({result['probes']} probes)")
     return result
+
+
+def _skipped_store(role: str, exc: Exception) -> dict[str, Any]:
+    """A store holds one model's embeddings: the other model of the run is skipped, not failed."""
+    log.warning(f"{role}: skipped ({exc})")
+    return {"skipped": str(exc)}
 
 
 def _record_pairs(out: RunDir, spec: str) -> None:
@@ -125,6 +137,25 @@ def _record_pairs(out: RunDir, spec: str) -> None:
     else:
         out.manifest["inputs"].append({"path": spec, "kind": "pairs", "sha256": None})
         out.save()
+
+
+def _check_stores(config: VerifyConfig, model) -> None:
+    """A store of another model (or crop, flip) is refused before any work or run dir."""
+    from shrinkcli.evaluate.store import FeatureStore, is_store
+
+    for spec in (config.data, config.distractors):
+        if is_store(spec):
+            FeatureStore(spec).check_model(model, crop=_crop_for(model, config), flip=config.flip)
+
+
+def _record_stores(out: RunDir, config: VerifyConfig) -> None:
+    from shrinkcli.evaluate.sources import store_record
+
+    for spec, kind in ((config.data, "probe-store"), (config.distractors, "distractor-store")):
+        record = store_record(spec, kind) if spec else None
+        if record:
+            out.manifest["inputs"].append(record)
+    out.save()
 
 
 def _gate(name: str, value: float, op: str, limit: float) -> dict[str, Any]:
@@ -157,12 +188,21 @@ def _check_request(config: VerifyConfig) -> None:
         raise BadInputError("--min-accuracy needs --pairs", hint="e.g. --pairs lfw-half:../shared/data/lfw")
     if config.max_gap is not None and not (config.teacher and config.pairs):
         raise BadInputError("--max-gap needs --teacher and --pairs")
+    from shrinkcli.evaluate.store import is_store
+
+    if is_store(config.data) and config.pairs and not _pairs_have_images(config.pairs):
+        raise BadInputError("--data is a feature store, which holds no images for --pairs",
+                            hint="give pairs with their own images: X.bin, lfw:ROOT, lfw-half:ROOT or pairs:N@SPEC")
     if config.distractors and not config.data:
         raise BadInputError("distractors are added to the gallery of --data: pass --data too")
     if config.megaface and not (config.data and config.distractors):
         raise BadInputError("megaface needs probes (--data) and a distractor set (--set distractors=SPEC)")
     if config.ijb and not Path(config.ijb).is_dir():
         raise BadInputError(f"IJB root {config.ijb} is not a directory", hint="pass the folder with the meta files")
+
+
+def _pairs_have_images(spec: str) -> bool:
+    return spec.endswith(".bin") or spec.startswith(("lfw:", "lfw-half:")) or "@" in spec
 
 
 def run(config: VerifyConfig, options: RunOptions) -> dict[str, Any]:
@@ -178,6 +218,7 @@ def run(config: VerifyConfig, options: RunOptions) -> dict[str, Any]:
         model.crop = reference.crop
     if config.input_size is not None and config.input_size != model.input_size:
         raise BadInputError(f"--input-size {config.input_size} differs from the model's {model.input_size}")
+    _check_stores(config, model)
     pairs = PairsCache(config)
     if config.pairs:   # decode now: a bad pairs spec fails before a run dir exists
         pairs.get(model.input_size, _crop_for(model, config))
@@ -186,6 +227,7 @@ def run(config: VerifyConfig, options: RunOptions) -> dict[str, Any]:
     for role, runner in (("model", model), ("reference", reference), ("teacher", teacher)):
         if runner is not None:
             out.add_input(runner.path, role)
+    _record_stores(out, config)
     try:
         return _verify(config, out, model, reference, teacher, pairs)
     except BaseException:
@@ -248,9 +290,20 @@ def _large_protocols(report: dict[str, Any], config: VerifyConfig, model, teache
         for role, result in report["ijb"].items():
             log.info(f"{role}: IJB TAR@FAR " + ", ".join(f"{k}={v:.4f}" for k, v in result["tar_at_far"].items()))
     if config.megaface:
-        report["megaface"] = {role: run_megaface(r, config.data, config.distractors, crop=_crop_for(r, config),
-                                                 **options) for role, r in runners}
+        from shrinkcli.evaluate.sources import StoreMismatchError
+
+        report["megaface"] = {}
+        for role, r in runners:
+            try:
+                report["megaface"][role] = run_megaface(r, config.data, config.distractors, crop=_crop_for(r, config),
+                                                        role=role, **options)
+            except StoreMismatchError as exc:
+                if role == "model":
+                    raise
+                report["megaface"][role] = _skipped_store(role, exc)
         for role, result in report["megaface"].items():
+            if "skipped" in result:
+                continue
             log.info(f"{role}: MegaFace rank-1 {100 * result['rank1']:.2f}% against {result['distractors']} distractors")
 
 
