@@ -206,7 +206,7 @@ def data_pack(
 
 @app.command()
 def bench(
-    suite: str = typer.Argument("all", help="all, or one of: distill, data, onnx, int8, cache, memory."),
+    suite: str = typer.Argument("all", help="all, or one of: distill, data, onnx, int8, cache, memory, scale."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write the results as Markdown here."),
     quick: bool = typer.Option(False, "--quick", help="Smaller sizes (for a smoke run)."),
 ) -> None:

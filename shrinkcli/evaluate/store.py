@@ -32,7 +32,7 @@ LABELS = "labels.npy"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 # what must be equal for a re-run to continue a store instead of starting it again
 IDENTITY_KEYS = ("model_sha256", "data", "preprocess", "count", "dtype", "chunk_size")
-BLOCK_ELEMENTS = 1 << 25    # probes x block similarities per block: 128 MiB of float32
+BLOCK_ELEMENTS = 1 << 25    # probes x block similarities per block: 128 MiB of float32 at most
 
 
 def is_store(spec: str | None) -> bool:
@@ -125,7 +125,7 @@ class FeatureStore:
 
     def block_rows_for(self, probes: int) -> int:
         """Rows per block so that a block's probe similarities stay near 128 MiB."""
-        return int(min(65536, max(256, BLOCK_ELEMENTS // max(1, probes))))
+        return int(min(16384, max(256, BLOCK_ELEMENTS // max(1, probes))))
 
     def array(self) -> np.ndarray:
         """All rows as float32 (for a probe set; a distractor store is read with `blocks`)."""
