@@ -189,6 +189,7 @@ class TeacherConfig(TrainConfig):
     scale: float = 64.0
     sample_rate: float = 1.0            # PartialFC: fraction of class centres sampled per step
     load: Optional[str] = None          # import weights instead of training
+    channel_order: Literal["RGB", "BGR"] = "RGB"   # what an imported ONNX graph without shrink metadata expects
 
 
 @dataclass
@@ -210,14 +211,29 @@ class DistillConfig(TrainConfig):
     cache_stages: bool = False          # also cache the four stage maps when caching
     cache_dtype: Literal["float16", "float32"] = "float16"   # stage maps on disk: half the size, or exact
     cache_dir: Optional[str] = None     # where the teacher cache lives (default: <run dir>/teacher_cache)
+    # Objectives beyond ShrinkTeaNet (docs/losses.md): fixed teacher-space class centres for the
+    # margin head (ProxylessKD), similarity-preserving KD and evaluation-oriented rank KD (EKD).
+    head_centres: Literal["learned", "teacher", "teacher-classifier", "teacher-mean"] = "learned"
+    similarity_weight: float = 0.0      # SP on the batch cosine matrix (0: off; 3000 is the SP paper's)
+    ekd_weight: float = 0.0             # EKD rank loss on critical pairs (0: off; 1: the authors' weighting)
+    ekd_fprs: list[float] = field(default_factory=lambda: [1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6])
+    ekd_topk: int = 2000                # hardest negative pairs (by student similarity) per batch
+    ekd_temperature: float = 0.01       # sigmoid temperature of the soft rank
 
     def validate(self) -> None:
         super().validate()
         if len(self.stage_weights) != 4:
             raise BadInputError(f"stage_weights needs 4 values, got {len(self.stage_weights)}",
                                 hint="e.g. --stage-weights 1,1,1,1")
-        if not self.labels and self.embed_loss == "none" and (self.stage_loss == "none" or not any(self.stage_weights)):
+        relational = bool(self.similarity_weight) or bool(self.ekd_weight)
+        if (not self.labels and self.embed_loss == "none" and (self.stage_loss == "none" or not any(self.stage_weights))
+                and not relational):
             raise BadInputError("nothing to learn: --no-labels with every distillation loss off")
+        if self.head_centres != "learned" and not self.labels:
+            raise BadInputError(f"head_centres={self.head_centres} needs identity labels (it is a margin loss)",
+                                hint="drop --no-labels, or use head_centres=learned")
+        if self.similarity_weight < 0 or self.ekd_weight < 0:
+            raise BadInputError("similarity_weight and ekd_weight must be >= 0")
 
 
 @dataclass

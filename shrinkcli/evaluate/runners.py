@@ -176,6 +176,7 @@ class OnnxRunner(EmbeddingRunner):
         # without a recorded crop the caller may take it from the weights the graph came from
         self.crop_recorded = "crop" in metadata or (isinstance(preprocess, dict) and "crop" in preprocess)
         self.metadata = metadata
+        self.bgr = metadata.get("channel_order", "RGB").upper() == "BGR"
         self.dtype = _onnx_dtype(proto, metadata)
         self._params = int(sum(int(np.prod(init.dims)) for init in proto.graph.initializer
                                if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
@@ -188,6 +189,8 @@ class OnnxRunner(EmbeddingRunner):
             feed = np.ascontiguousarray(pixels.transpose(0, 2, 3, 1) if self.nhwc else pixels)
         else:
             feed = (pixels.astype(np.float32) - self.mean) / self.std
+            if self.bgr:    # an imported teacher graph that takes BGR (recorded by `shrink teacher --load`)
+                feed = np.ascontiguousarray(feed[:, ::-1])
             feed = feed.astype(np.float16 if self.float16_input else np.float32)
         return np.asarray(self.session.run(None, {self.input_name: feed})[0], dtype=np.float32)
 

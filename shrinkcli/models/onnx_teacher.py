@@ -30,6 +30,7 @@ class OnnxEmbeddingTeacher(nn.Module):
         super().__init__()
         self.session = make_session(onnx_file)
         self.contract = contract
+        self.source = onnx_file.path.name
         self.arch = ARCH
         self.arch_kwargs: dict[str, Any] = {}
         self.input_size = contract.input_size
@@ -64,7 +65,7 @@ def embedding_only_config(config, teacher):
     defaults = DistillConfig()
     stages_on = config.stage_loss != "none" and any(w != 0 for w in config.stage_weights)
     asked = (config.stage_loss, list(config.stage_weights)) != (defaults.stage_loss, list(defaults.stage_weights))
-    why = (f"the teacher ({getattr(teacher, 'arch', '?')}) is an ONNX model shrink cannot map onto a known "
+    why = (f"the teacher {getattr(teacher, 'source', 'model')} is an ONNX model shrink cannot map onto a known "
            "architecture, so it gives an embedding but no stage maps")
     if stages_on and asked:
         raise BadInputError(f"stage losses need the teacher's stage maps: {why}",

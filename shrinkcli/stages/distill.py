@@ -41,13 +41,21 @@ def resolve_preprocess(config: DistillConfig, teacher_preprocess: dict[str, Any]
     return config.replace("teacher preprocessing", **changes) if changes else config
 
 
-def load_teacher(spec: str | None):
-    """(artifact, frozen-ready model, meta) from a run dir, a checkpoint or a backbone.pth."""
+def load_teacher(spec: str | None, config: DistillConfig | None = None):
+    """(artifact, frozen-ready model, meta) from a run dir, a checkpoint, a backbone.pth or an ONNX file
+    (whose input contract, when the file does not record it, comes from `config`)."""
     from shrinkcli.models.io import load_model
 
     if not spec:
-        raise BadInputError("no teacher given", hint="pass --teacher RUN_DIR|CHECKPOINT|backbone.pth")
+        raise BadInputError("no teacher given", hint="pass --teacher RUN_DIR|CHECKPOINT|backbone.pth|model.onnx")
     artifact = resolve_artifact(spec, TEACHER_KINDS)
+    if artifact.path.suffix.lower() == ".onnx":
+        from shrinkcli.models.onnx_import import load_onnx_teacher
+        from shrinkcli.stages.teacher_onnx import contract_options
+
+        model, meta = load_onnx_teacher(artifact.path, contract_options(config) if config else None,
+                                        parity_data=config.data if config else None)
+        return artifact, model, meta   # an embedding-only teacher: see embedding_only_config
     model, meta = load_model(artifact.path)
     if getattr(model, "stage_channels", None) is None:
         raise BadInputError(f"teacher {artifact.path} ({meta['arch']}) exposes no stage outputs",
@@ -83,8 +91,10 @@ def _open_val_pairs(config: DistillConfig):
     return load_pairs(config.val, input_size=config.input_size, crop=config.crop)
 
 
-def build_task(config: DistillConfig, teacher, teacher_sha256: str, dataset, cache_dir: Path | None):
-    """Student, adapters, margin head and cache request assembled into a DistillTask."""
+def build_task(config: DistillConfig, teacher, teacher_sha256: str, dataset, cache_dir: Path | None,
+               teacher_artifact: Artifact | None = None):
+    """Student, adapters, margin head, relational terms and cache request assembled into a DistillTask.
+    `teacher_artifact` lets teacher-centre heads find the teacher run's own classifier."""
     from shrinkcli.distill import CacheRequest, DistillTask, cache_key
     from shrinkcli.losses.distill import DistillCriterion
     from shrinkcli.models import create_model
@@ -92,7 +102,7 @@ def build_task(config: DistillConfig, teacher, teacher_sha256: str, dataset, cac
     student = create_model(config.student, embedding_size=config.embedding_size, input_size=config.input_size,
                            width=config.width)
     criterion = DistillCriterion(student_channels=list(student.stage_channels),
-                                 teacher_channels=list(teacher.stage_channels),
+                                 teacher_channels=list(teacher.stage_channels or student.stage_channels),
                                  student_embedding=student.embedding_size, teacher_embedding=teacher.embedding_size,
                                  embed_loss=config.embed_loss, stage_loss=config.stage_loss,
                                  embed_weight=config.embed_weight, stage_weights=config.stage_weights)
@@ -101,12 +111,17 @@ def build_task(config: DistillConfig, teacher, teacher_sha256: str, dataset, cac
                  "a linear adapter maps the student's embedding for the loss (not exported)")
     head = None
     if config.labels:
-        from shrinkcli.losses.margin import MarginHead
+        from shrinkcli.losses.centres import build_margin_head
 
-        head = MarginHead(student.embedding_size, dataset.num_classes, kind=config.head, margin=config.margin,
-                          scale=config.scale, sample_rate=config.sample_rate)
+        head = build_margin_head(config, student_embedding=student.embedding_size,
+                                 teacher_embedding=teacher.embedding_size, dataset=dataset,
+                                 teacher_path=teacher_artifact.path if teacher_artifact else None,
+                                 teacher_run_dir=teacher_artifact.run_dir if teacher_artifact else None)
+    from shrinkcli.losses.relational import build_relational
+
+    relational = build_relational(config)
     request = None
-    if config.cache_teacher and criterion.needs_teacher:
+    if config.cache_teacher and (criterion.needs_teacher or relational is not None):
         key = cache_key(teacher_sha256=teacher_sha256, data_spec=config.data, num_items=len(dataset),
                         labels=getattr(dataset, "labels", None), input_size=config.input_size, crop=config.crop,
                         mean=config.mean, std=config.std)
@@ -115,7 +130,8 @@ def build_task(config: DistillConfig, teacher, teacher_sha256: str, dataset, cac
                                with_stages=criterion.needs_teacher_stages or config.cache_stages,
                                batch_size=config.batch_size, workers=max(0, config.workers),
                                stage_dtype=config.cache_dtype)
-    return DistillTask(student=student, teacher=teacher, criterion=criterion, head=head, cache=request)
+    return DistillTask(student=student, teacher=teacher, criterion=criterion, head=head, cache=request,
+                       relational=relational)
 
 
 def _record_data(run_dir: RunDir, config: DistillConfig, dataset) -> None:
@@ -160,8 +176,11 @@ def run(config: DistillConfig, run: RunOptions, *, resume: str | None = None) ->
     resumed, checkpoint = None, None
     if resume is not None:
         resumed, checkpoint, config = resume_run(resume, "distill", config, run, is_main=is_main)
-    teacher_artifact, teacher, meta = load_teacher(config.teacher)
+    from shrinkcli.models.onnx_teacher import embedding_only_config
+
+    teacher_artifact, teacher, meta = load_teacher(config.teacher, config)
     given, config = config, resolve_preprocess(config, meta.get("preprocess") or {}, int(teacher.input_size))
+    config = embedding_only_config(config, teacher)
     dataset = _open_training_data(config)
     if config.labels and getattr(dataset, "num_classes", 0) < 2:
         raise BadInputError(f"{config.data} has {getattr(dataset, 'num_classes', 0)} identity label(s): "
@@ -171,7 +190,7 @@ def run(config: DistillConfig, run: RunOptions, *, resume: str | None = None) ->
 
     torch.manual_seed(config.seed)      # student, adapters and head start the same for a given seed
     task = build_task(config, teacher, teacher_artifact.sha256, dataset,
-                      run_dir.path / "teacher_cache" if run_dir is not None else None)
+                      run_dir.path / "teacher_cache" if run_dir is not None else None, teacher_artifact)
     trainer = Trainer(config, run_dir, task, dataset, val_pairs)
     summary = trainer.fit(resume=checkpoint)  # marks the manifest interrupted/failed itself
     if run_dir is None:

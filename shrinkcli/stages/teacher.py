@@ -5,7 +5,8 @@ optionally PartialFC-sampled, on the shared engine. Writes weights/last.pt and w
 (full training state), model.safetensors (the backbone with preprocessing metadata), metrics.
 Import (--load): insightface backbone.pth, our .pt/.safetensors or a full training checkpoint; the
 architecture is inferred from the weights (--arch overrides); a few images are embedded to check
-the outputs are finite and not constant, then model.safetensors is written. Either way the run dir
+the outputs are finite and not constant, then model.safetensors is written. An ONNX file (an
+insightface model pack's recognition model, or any face model) goes through `teacher_onnx`. Either way the run dir
 is what `shrink distill --teacher` accepts.
 """
 
@@ -178,6 +179,10 @@ def import_teacher(config: TeacherConfig, run: RunOptions) -> dict[str, Any]:
     if not env_dist_info().is_main:
         return {"summary": {"imported": "on rank 0 only"}}  # under torchrun: one import, one run dir
     source = Path(config.load)
+    if source.suffix.lower() == ".onnx":
+        from shrinkcli.stages.teacher_onnx import import_onnx_teacher
+
+        return import_onnx_teacher(config, run)
     model, meta = load_model(source, arch=config.arch if _arch_was_chosen(config) else None)
     preprocess = dict(meta["preprocess"])
     images, described = _check_images(config, int(model.input_size), preprocess)
