@@ -63,11 +63,13 @@ class DistillTask:
     """Implements the engine's TrainTask protocol for student <- teacher distillation."""
 
     def __init__(self, *, student: nn.Module, teacher: nn.Module, criterion: DistillCriterion,
-                 head: nn.Module | None = None, cache: CacheRequest | None = None):
+                 head: nn.Module | None = None, cache: CacheRequest | None = None,
+                 relational: nn.Module | None = None):
         self.student = student
         self.teacher = freeze(teacher)
         self.criterion = criterion
         self.head = head
+        self.relational = relational    # batch-relation terms (SP, EKD) on the embeddings, or None
         self.cache_request = cache
         self.cache: TeacherCache | None = None
         self.device = torch.device("cpu")
@@ -82,11 +84,14 @@ class DistillTask:
         modules: dict[str, nn.Module] = {"student": self.student, "adapters": self.criterion.adapters}
         if self.head is not None:
             modules["head"] = self.head
+        if self.relational is not None and any(True for _ in self.relational.buffers()):
+            modules["relational"] = self.relational     # EKD's moving thresholds: checkpointed
         return modules
 
     def distribute(self, wrap) -> None:
         self.student_step = wrap(self.student_step)
-        if self.head is not None:
+        # A head with fixed teacher centres and no adapter has nothing to all-reduce (and DDP refuses it).
+        if self.head is not None and any(p.requires_grad for p in self.head.parameters()):
             self.head_step = wrap(self.head)
 
     def frozen_modules(self) -> dict[str, nn.Module]:
@@ -107,6 +112,10 @@ class DistillTask:
             # The pass must leave every RNG as it found it, or a cached run would diverge from an inline one.
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 self.cache = self._open_cache(trainer)
+        prepare = getattr(self.head, "prepare", None)
+        if prepare is not None:     # teacher-mean centres: from the cache, or one teacher pass
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                prepare(self)
 
     def _open_cache(self, trainer: Any) -> TeacherCache:
         """Rank 0 builds (or reuses) the cache; under torchrun the other ranks then open the same one."""
@@ -146,7 +155,7 @@ class DistillTask:
     def loss(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
              flipped: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:
         needs_stages = self.criterion.needs_teacher_stages
-        if not self.criterion.needs_teacher:
+        if not (self.criterion.needs_teacher or self.relational is not None):
             t_stages, t_emb = None, None
         elif self.cache is not None and (self.cache.has_stages or not needs_stages):
             t_stages, t_emb = self.cache.lookup(indices, flipped, device=images.device, with_stages=needs_stages)
@@ -159,5 +168,10 @@ class DistillTask:
             margin = self.head_step(embedding, labels)
             total = total + margin
             logs["margin"] = margin.detach()
+        if self.relational is not None:
+            relation, relation_terms = self.relational(embedding, t_emb, labels)
+            total = total + relation
+            logs["distill"] = logs["distill"] + relation.detach()
+            terms = {**terms, **relation_terms}
         logs.update(terms)
         return total, logs

@@ -76,7 +76,8 @@ class TeacherCentreHead(MarginHead):
         labels = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.long)
         cache = getattr(task, "cache", None)
         if cache is not None:
-            embeddings = cache.embeddings                     # [flips, N, D] float32
+            # [flips, N, D] float32, held as a tensor or a memory-mapped array depending on the cache
+            embeddings = torch.as_tensor(np.asarray(cache.embeddings, dtype=np.float32))
         else:
             log.info(f"teacher centres: one teacher pass over {len(dataset)} images x {flips} flip(s)")
             embeddings = teacher_embedding_pass(dataset, task.teacher_outputs, device=task.device, flips=flips,
