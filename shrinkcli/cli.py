@@ -123,16 +123,16 @@ def _run_options(project: str, name: Optional[str], run_dir: Optional[Path], exi
 
 def _build_config(stage: str, recipe: Optional[Path], options: dict[str, Any], overrides: Optional[List[str]]):
     """Recipe table (if any) < explicit options < --set overrides, validated once."""
-    from shrinkcli.config import STAGE_CONFIGS, load_recipe, stage_config_from_recipe
+    from shrinkcli.config import STAGE_CONFIGS, load_recipe, parse_overrides, stage_config_from_recipe
 
     if recipe is not None:
         config = stage_config_from_recipe(load_recipe(recipe), stage, str(recipe))
     else:
         config = STAGE_CONFIGS[stage]()
-    explicit = {k: v for k, v in options.items() if v is not None}
-    if explicit:
-        config = config.replace("option", **explicit)
-    return config.apply_overrides(overrides)
+    # One validation of options and overrides together: `--no-labels --set ekd_weight=1` is valid
+    # only as a whole, so validating the options alone first would refuse it.
+    changes = {**{k: v for k, v in options.items() if v is not None}, **parse_overrides(overrides)}
+    return config.replace("option", **changes) if changes else config
 
 
 @app.command()

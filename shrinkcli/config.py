@@ -88,6 +88,17 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def parse_overrides(overrides: list[str] | None) -> dict[str, str]:
+    """`["epochs=3", "stage-weights=1,0,0,1"]` -> `{"epochs": "3", "stage_weights": "1,0,0,1"}` (not yet coerced)."""
+    changes: dict[str, str] = {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BadInputError(f"override {item!r} is not key=value", hint="e.g. --set epochs=3")
+        changes[key.strip().replace("-", "_")] = value.strip()
+    return changes
+
+
 @dataclass
 class Config:
     """Base: construction from dicts with validation, overrides, and a plain-dict view."""
@@ -111,12 +122,7 @@ class Config:
 
     def apply_overrides(self, overrides: list[str] | None):
         """`["epochs=3", "stage_weights=1,0,0,1"]` -> a new validated config."""
-        changes: dict[str, Any] = {}
-        for item in overrides or []:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise BadInputError(f"override {item!r} is not key=value", hint="e.g. --set epochs=3")
-            changes[key.strip().replace("-", "_")] = value.strip()
+        changes = parse_overrides(overrides)
         return self.replace("override", **changes) if changes else self
 
     def to_dict(self) -> dict[str, Any]:

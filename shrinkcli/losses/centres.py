@@ -74,17 +74,19 @@ class TeacherCentreHead(MarginHead):
             raise RuntimeError("teacher centres were neither loaded nor scheduled for computation")
         dataset, flips, batch_size, workers = self._pending_mean
         labels = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.long)
+        sums = CentreSums(self.num_classes, self.embedding_size)
         cache = getattr(task, "cache", None)
         if cache is not None:
-            # [flips, N, D] float32, held as a tensor or a memory-mapped array depending on the cache
-            embeddings = torch.as_tensor(np.asarray(cache.embeddings, dtype=np.float32))
+            # [flips, N, D] float32 (a tensor or a memory-mapped array): read in chunks, never whole
+            for flip in range(cache.flips):
+                for start in range(0, len(labels), CHUNK):
+                    block = np.asarray(cache.embeddings[flip, start:start + CHUNK], dtype=np.float32)
+                    sums.add(torch.from_numpy(np.array(block)), labels[start:start + CHUNK])
         else:
             log.info(f"teacher centres: one teacher pass over {len(dataset)} images x {flips} flip(s)")
-            embeddings = teacher_embedding_pass(dataset, task.teacher_outputs, device=task.device, flips=flips,
-                                                batch_size=batch_size, workers=workers,
-                                                channels_last=task.channels_last)
-        flat = embeddings.reshape(-1, embeddings.shape[-1])
-        centres = mean_embedding_centres(flat, labels.repeat(embeddings.shape[0]), self.num_classes)
+            teacher_embedding_pass(dataset, task.teacher_outputs, sums, device=task.device, flips=flips,
+                                   batch_size=batch_size, workers=workers, channels_last=task.channels_last)
+        centres = sums.centres()
         self.set_centres(centres, "teacher-mean")
         log.info(f"teacher centres: mean normalised teacher embedding of {self.num_classes} identities")
 
@@ -97,34 +99,52 @@ class TeacherCentreHead(MarginHead):
         return f"{super().extra_repr()}, centres={self.source} (fixed)"
 
 
+CHUNK = 65536      # cached embeddings read per block when averaging (a million-image cache is GBs)
+
+
+class CentreSums:
+    """Running per-identity sums of normalised embeddings -> unit mean centres."""
+
+    def __init__(self, num_classes: int, dim: int):
+        self.sums = torch.zeros(num_classes, dim, dtype=torch.float32)
+        self.counts = torch.zeros(num_classes, dtype=torch.float32)
+
+    def add(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        e = F.normalize(embeddings.detach().float().cpu(), dim=1, eps=1e-8)
+        labels = labels.detach().long().cpu()
+        self.sums.index_add_(0, labels, e)
+        self.counts.index_add_(0, labels, torch.ones(len(labels)))
+
+    def centres(self) -> torch.Tensor:
+        """`[C, D]` unit centres; an identity without images stays 0."""
+        return F.normalize(self.sums / self.counts.clamp_min(1).unsqueeze(1), dim=1, eps=1e-8)
+
+
 def mean_embedding_centres(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """`[M, D]` embeddings and `[M]` labels -> `[C, D]` unit centres (a class without images stays 0)."""
-    e = F.normalize(embeddings.float(), dim=1, eps=1e-8)
-    sums = torch.zeros(num_classes, e.shape[1], dtype=torch.float32).index_add_(0, labels.long(), e)
-    counts = torch.bincount(labels.long(), minlength=num_classes).clamp_min(1).to(torch.float32)
-    return F.normalize(sums / counts.unsqueeze(1), dim=1, eps=1e-8)
+    sums = CentreSums(num_classes, embeddings.shape[1])
+    sums.add(embeddings, labels)
+    return sums.centres()
 
 
-def teacher_embedding_pass(dataset: Any, teacher_fn, *, device: torch.device, flips: int, batch_size: int,
-                           workers: int = 0, channels_last: bool = False) -> torch.Tensor:
-    """`[flips, N, D]` teacher embeddings of every image (flip 1: its mirror), as the cache holds them."""
+def teacher_embedding_pass(dataset: Any, teacher_fn, sums: CentreSums, *, device: torch.device, flips: int,
+                           batch_size: int, workers: int = 0, channels_last: bool = False) -> None:
+    """Add the teacher embedding of every image (and of its mirror when flips == 2) to `sums`."""
     from torch.utils.data import DataLoader
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         generator=torch.Generator().manual_seed(0))
-    out: torch.Tensor | None = None
-    for images, _labels, indices in loader:
+    seen = 0
+    for images, labels, _indices in loader:
         images = images.to(device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         for flip in range(flips):
             _stages, emb = teacher_fn(images if flip == 0 else torch.flip(images, dims=[3]))
-            if out is None:
-                out = torch.zeros(flips, len(dataset), emb.shape[1])
-            out[flip, indices.long()] = emb.float().cpu()
-    if out is None:
+            sums.add(emb, torch.as_tensor(labels))
+        seen += len(images)
+    if seen == 0:
         raise BadInputError("cannot compute teacher centres of an empty dataset", hint="check --data")
-    return out
 
 
 def find_teacher_checkpoint(teacher_path: Path, teacher_run_dir: Path | None) -> Path | None:
