@@ -1,7 +1,8 @@
 """Verification pairs: `PairSet` and `load_pairs(spec)`.
 
 Specs: `X.bin` (insightface pack), `lfw:ROOT` (pairs.txt, all 10 folds), `lfw-half:ROOT`
-(folds 5-9, renumbered 0-4), `pairs:N[:SEED]@DATASPEC` (balanced seeded pairs from a labelled
+(folds 5-9, renumbered 0-4), `lfw-half-val:ROOT` (600 seeded pairs of the held-out training
+identities, see shrinkcli.data.splits), `pairs:N[:SEED]@DATASPEC` (balanced seeded pairs from a labelled
 dataset), or a `pairs.txt` path with `data_root` (the image root).
 """
 
@@ -129,6 +130,17 @@ def pairs_from_dataset(dataset, count: int, *, seed: int = 0, source: str = "") 
     return PairSet(decode_many(loaders), remap[: len(left)], remap[len(left):], issame, folds, names, source)
 
 
+def lfw_half_val_pairs(root: str | os.PathLike, *, input_size: int = 112, crop: int | None = None,
+                       source: str = "") -> PairSet:
+    """Balanced seeded pairs over the images of the held-out lfw-half validation identities."""
+    from shrinkcli.data.folder import FolderDataset
+    from shrinkcli.data.splits import LFW_HALF_VAL_PAIRS, LFW_HALF_VAL_SEED, lfw_half_validation_split
+
+    held_out, _ = lfw_half_validation_split(root)
+    dataset = FolderDataset(lfw_image_dir(root), identities=held_out, input_size=input_size, crop=crop)
+    return pairs_from_dataset(dataset, LFW_HALF_VAL_PAIRS, seed=LFW_HALF_VAL_SEED, source=source or f"lfw-half-val:{root}")
+
+
 def _parse_built_pairs(spec: str) -> tuple[int, int, str]:
     head, sep, data_spec = spec[len("pairs:"):].partition("@")
     count_text, _, seed_text = head.partition(":")
@@ -155,6 +167,8 @@ def load_pairs(spec: str, *, data_root: str | os.PathLike | None = None, input_s
             data_spec = str(data_root)
         dataset = open_dataset(data_spec, input_size=input_size, crop=crop)
         return pairs_from_dataset(dataset, count, seed=seed, source=spec)
+    if spec.startswith("lfw-half-val:"):
+        return lfw_half_val_pairs(spec.partition(":")[2], input_size=input_size, crop=crop, source=spec)
     if spec.startswith("lfw:") or spec.startswith("lfw-half:"):
         kind, _, root = spec.partition(":")
         folds = LFW_HALF_TEST_FOLDS if kind == "lfw-half" else None
@@ -172,4 +186,4 @@ def load_pairs(spec: str, *, data_root: str | os.PathLike | None = None, input_s
     if path.is_dir() and (path / "pairs.txt").is_file():
         return pairs_from_file(path / "pairs.txt", lfw_image_dir(path), input_size=input_size, crop=crop, source=spec)
     raise BadInputError(f"unknown pairs spec {spec!r}",
-                        hint="use X.bin, lfw:ROOT, lfw-half:ROOT, a pairs.txt (with --data), or pairs:N@DATASPEC")
+                        hint="use X.bin, lfw:ROOT, lfw-half:ROOT, lfw-half-val:ROOT, a pairs.txt (with --data), or pairs:N@DATASPEC")

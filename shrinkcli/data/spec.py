@@ -1,7 +1,8 @@
 """`open_dataset(spec)`: one entry point for every training-data format.
 
 Specs: `folder:PATH`, `rec:PATH/train.rec` (or its folder), `hf:PATH_OR_NAME[?image=col&label=col]`,
-`lfw-half:ROOT`, `synthetic[:IDS[:PER_ID[:SEED]]]`, or a bare path, detected as: a folder holding
+`lfw-half:ROOT`, `lfw-half-train:ROOT` (lfw-half without the `lfw-half-val` identities),
+`synthetic[:IDS[:PER_ID[:SEED]]]`, or a bare path, detected as: a folder holding
 train.rec or a .rec file -> rec; a folder with dataset_info.json / state.json / dataset_dict.json
 -> hf (save_to_disk); a folder of parquet files -> hf; a folder of identity folders -> folder.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from shrinkcli.errors import BadInputError
 
-SPEC_HELP = ("use folder:PATH, rec:PATH/train.rec, hf:PATH_OR_NAME, lfw-half:ROOT, "
+SPEC_HELP = ("use folder:PATH, rec:PATH/train.rec, hf:PATH_OR_NAME, lfw-half:ROOT, lfw-half-train:ROOT, "
              "synthetic[:IDS[:PER_ID[:SEED]]], or a path to one of those")
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
@@ -67,6 +68,11 @@ def open_dataset(spec, *, input_size: int = 112, crop: int | None = None, mean: 
         from shrinkcli.data.splits import lfw_half_train_identities, lfw_image_dir
 
         return FolderDataset(lfw_image_dir(rest), identities=lfw_half_train_identities(rest), spec=spec, **options)
+    if sep and kind == "lfw-half-train":
+        from shrinkcli.data.folder import FolderDataset
+        from shrinkcli.data.splits import lfw_half_validation_split, lfw_image_dir
+
+        return FolderDataset(lfw_image_dir(rest), identities=lfw_half_validation_split(rest)[1], spec=spec, **options)
     if sep and kind == "rec":
         from shrinkcli.data.recordio import RecordDataset
 

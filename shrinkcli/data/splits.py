@@ -1,6 +1,10 @@
 """Identity splits and the LFW pairs file: by identity list, by fold of a pairs file, by a seeded
 fraction, and the `lfw-half` open-set preset (train on fold 0-4 identities, test on folds 5-9).
 
+`lfw-half` validation split, for tuning without touching the test pairs: a seeded 10% of the fold
+0-4 identities that have two or more images are held out (`lfw-half-val:ROOT` pairs are built from
+their images), and `lfw-half-train:ROOT` trains on the other fold 0-4 identities.
+
 `pairs.txt` comes with one of two headers:
 - `10 300` (official View 2): 10 folds, each 300 same-person lines then 300 different-person lines;
 - `N` (a single number): N same-person lines then N different-person lines; fold k is same lines
@@ -22,6 +26,9 @@ from shrinkcli.errors import BadInputError
 LFW_FOLDS = 10
 LFW_HALF_TRAIN_FOLDS = (0, 1, 2, 3, 4)
 LFW_HALF_TEST_FOLDS = (5, 6, 7, 8, 9)
+LFW_HALF_VAL_FRACTION = 0.1     # of the fold 0-4 identities with two or more images
+LFW_HALF_VAL_SEED = 0
+LFW_HALF_VAL_PAIRS = 600        # balanced: 300 same-identity, 300 different-identity
 
 
 @dataclass
@@ -133,3 +140,28 @@ def read_identity_list(path: str | os.PathLike) -> list[str]:
 
 def lfw_half_train_identities(root: str | os.PathLike) -> list[str]:
     return identities_of_folds(parse_pairs_file(lfw_pairs_file(root)), LFW_HALF_TRAIN_FOLDS)
+
+
+def lfw_half_validation_split(root: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(held-out validation identities, remaining training identities) of the lfw-half fold 0-4 set."""
+    from shrinkcli.data.folder import is_image_file
+
+    names = lfw_half_train_identities(root)
+    image_dir = lfw_image_dir(root)
+
+    def images_of(name: str) -> int:
+        try:
+            return sum(1 for entry in os.scandir(image_dir / name) if entry.is_file() and is_image_file(entry.name))
+        except OSError:
+            return 0
+
+    multi = [name for name in names if images_of(name) >= 2]
+    if len(multi) < 2:
+        raise BadInputError(f"{root}: {len(multi)} fold 0-4 identities have two or more images; "
+                            "a validation split needs at least 2", hint="check the LFW root")
+    val, _ = split_by_fraction(multi, LFW_HALF_VAL_FRACTION, seed=LFW_HALF_VAL_SEED)
+    if len(val) < 2:        # tiny layouts: different-identity pairs need two held-out identities
+        order = np.random.default_rng(LFW_HALF_VAL_SEED).permutation(len(multi))
+        val = sorted(multi[i] for i in order[:2])
+    held = set(val)
+    return val, [name for name in names if name not in held]

@@ -130,7 +130,7 @@ def _skipped_store(role: str, exc: Exception) -> dict[str, Any]:
 
 def _record_pairs(out: RunDir, spec: str) -> None:
     """The pairs file itself when the spec names one (hashed), else the spec as given."""
-    root = Path(spec.partition(":")[2]) if spec.startswith(("lfw:", "lfw-half:")) else Path(spec)
+    root = Path(spec.partition(":")[2]) if spec.startswith(("lfw:", "lfw-half:", "lfw-half-val:")) else Path(spec)
     candidate = root / "pairs.txt" if root.is_dir() else root
     if candidate.is_file():
         out.add_input(candidate, "pairs")
@@ -202,7 +202,7 @@ def _check_request(config: VerifyConfig) -> None:
 
 
 def _pairs_have_images(spec: str) -> bool:
-    return spec.endswith(".bin") or spec.startswith(("lfw:", "lfw-half:")) or "@" in spec
+    return spec.endswith(".bin") or spec.startswith(("lfw:", "lfw-half:", "lfw-half-val:")) or "@" in spec
 
 
 def run(config: VerifyConfig, options: RunOptions) -> dict[str, Any]:
