@@ -120,3 +120,16 @@ def test_objective_settings_are_checked(tmp_path, bare_teacher):
     assert no_labels.exit_code == 2 and "needs identity labels" in no_labels.stderr
     bad_fpr = distill(tmp_path, bare_teacher, "bad2", "--set", "ekd_weight=1", "--set", "ekd_fprs=0.5,2")
     assert bad_fpr.exit_code == 2 and "ekd_fprs" in bad_fpr.stderr
+
+
+@pytest.mark.parametrize("recipe", ["lfw-half-cpu.toml", "lfw-half-val-cpu.toml"])
+def test_recipe_variants_are_valid_distill_configs(recipe):
+    from pathlib import Path
+
+    from shrinkcli.config import load_recipe, stage_config_from_recipe
+
+    data = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / recipe)
+    built = {name: stage_config_from_recipe({**data, "distill": {**data["distill"], **changes}}, "distill", name)
+             for name, changes in data["experiment"]["variants"].items()}
+    assert built["centres"].head_centres == "teacher" and built["ekd"].ekd_weight == 1.0
+    assert built["similarity"].similarity_weight == 3000.0
