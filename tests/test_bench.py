@@ -77,3 +77,19 @@ def test_gpu_distill_script_runs_end_to_end_on_cpu():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| bf16 + channels_last |" in result.stdout and "| fp32 NCHW |" in result.stdout
     assert "of the bound" in result.stdout
+
+
+def test_quick_scale_megaface_child_measures_the_rank1_of_the_same_store(tmp_path):
+    from shrinkcli.bench.scale import synthetic_probes, synthetic_store
+    from shrinkcli.evaluate.megaface import megaface_rank1
+    from shrinkcli.evaluate.store import FeatureStore
+
+    rows = {row["measure"]: row for row in bench.run(suite="scale", quick=True)["rows"]}
+    assert all(tuple(row) == ROW_FIELDS and row["suite"] == "scale" for row in rows.values())
+    wall, rss = rows["megaface: rank-1 wall time / 5 min"], rows["megaface: rank-1 peak RSS / 3 GB"]
+    assert wall["settings"].startswith("ok;") and wall["a_value"] > 0 and rss["a_value"] > 0
+    synthetic_store(tmp_path / "store", 20_000)       # seeded: the very vectors the child read
+    probes, labels = synthetic_probes(20, 200)
+    expected = megaface_rank1(probes, labels, FeatureStore(tmp_path / "store").blocks(4096))
+    assert rows["megaface: rank-1 (synthetic)"]["a_value"] == round(expected["rank1"], 4)
+    assert rows["megaface: rank-1 (synthetic)"]["b_value"] == expected["trials"]
