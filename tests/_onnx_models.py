@@ -34,6 +34,9 @@ def trained_looking(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 module.bias.copy_(uniform(n, -0.2, 0.2))
             elif isinstance(module, torch.nn.PReLU):
                 module.weight.copy_(uniform(module.weight.shape, 0.05, 0.4))
+        for name, module in model.named_modules():
+            if name.endswith(".bn3"):   # residual branches on a trained scale: deep nets stay finite
+                module.weight.copy_(uniform(module.num_features, 0.02, 0.1))
     return model.eval()
 
 

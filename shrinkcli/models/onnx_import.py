@@ -313,9 +313,10 @@ def parity_check(model, session, contract, *, data: str | None = None, count: in
     result = parity(mine, theirs)
     result = {"images": origin, "samples": result["samples"], "min_cosine": round(result["min_cosine"], 8),
               "mean_cosine": round(result["mean_cosine"], 8), "max_abs_diff": float(f"{result['max_abs_diff']:.3g}"),
+              "max_abs_value": float(f"{float(np.abs(theirs).max()):.3g}"),   # the scale the difference is on
               "gate": MIN_PARITY_COSINE}
     log.info(f"parity torch vs onnxruntime on {result['samples']} {origin} images: min cosine "
-             f"{result['min_cosine']:.6f}, max abs diff {result['max_abs_diff']:.3g}")
+             f"{result['min_cosine']:.6f}, max abs diff {result['max_abs_diff']:.3g} (largest value {result['max_abs_value']:.3g})")
     if not result["min_cosine"] >= MIN_PARITY_COSINE:
         raise GateFailedError(f"the IResNet mapped from the ONNX graph does not reproduce it: min cosine "
                               f"{result['min_cosine']:.6f} < {MIN_PARITY_COSINE} (max abs diff {result['max_abs_diff']:.3g})",
