@@ -113,3 +113,25 @@ def test_unfinished_truncated_or_nan_stores_are_refused(tmp_path, sets):
         FeatureStore(tmp_path / "n")
     with pytest.raises(BadInputError, match="not a feature store"):
         FeatureStore(tmp_path)
+
+
+def test_a_kill_before_the_first_manifest_or_a_lost_labels_file_does_not_block_a_rerun(tmp_path, sets):
+    _, _, distractors = sets
+    identity = {"model_sha256": "0" * 64, "data": "test", "preprocess": {}, "count": 1000, "dtype": "float16",
+                "chunk_size": 400}
+    folder = tmp_path / "s"
+    folder.mkdir()
+    np.save(folder / "labels.npy", np.zeros(3, np.int64))          # what a kill during creation can leave
+    (folder / ".store.json.abc.tmp").write_text("{")
+    writer = StoreWriter(folder, identity, np.arange(1000))
+    writer.write(0, distractors[:400])
+    (folder / "labels.npy").unlink()
+    again = StoreWriter(folder, identity, np.arange(1000))
+    assert again.resumed == 1 and again.pending() == [1, 2]
+    for index in again.pending():
+        start, stop = again.rows(index)
+        again.write(index, distractors[start:stop])
+    again.finish()
+    store = FeatureStore(folder)
+    assert np.array_equal(store.labels(), np.arange(1000))
+    np.testing.assert_allclose(store.array(), distractors, atol=5e-4)

@@ -60,6 +60,15 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def _npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, offset of the first row) of a .npy file."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(handle)
+        return tuple(shape), bool(fortran), np.dtype(dtype), handle.tell()
+
+
 def _chunks(count: int, chunk_size: int) -> int:
     return max(1, math.ceil(count / chunk_size)) if count else 0
 
@@ -88,11 +97,7 @@ class FeatureStore:
 
     def _header_offset(self) -> int:
         try:
-            with open(self.path / FEATURES, "rb") as handle:
-                version = np.lib.format.read_magic(handle)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, fortran, dtype = read(handle)
-                offset = handle.tell()
+            shape, fortran, dtype, offset = _npy_header(self.path / FEATURES)
         except (OSError, ValueError) as exc:
             raise BadInputError(f"{self.path / FEATURES} is not a readable .npy file: {exc}") from exc
         if tuple(shape) != (self.count, self.dim) or fortran or np.dtype(dtype) != np.dtype(self.dtype):
@@ -173,8 +178,9 @@ class StoreWriter:
             raise BadInputError("a feature store needs at least one row")
         if len(labels) != self.count:
             raise BadInputError(f"{len(labels)} labels for {self.count} rows")
-        self.features = None
-        self.resumed = self._resume(overwrite)
+        self.dim: int | None = None
+        self._offset = 0
+        self.resumed = self._resume(overwrite, labels)
         if self.resumed is None:
             self._create(labels, extra or {})
 
@@ -185,12 +191,15 @@ class StoreWriter:
     def rows(self, chunk: int) -> tuple[int, int]:
         return chunk * self.chunk_size, min(self.count, (chunk + 1) * self.chunk_size)
 
-    def _resume(self, overwrite: bool) -> int | None:
+    def _resume(self, overwrite: bool, labels: np.ndarray) -> int | None:
         """Chunks already complete when this is the same store, None to start a new one."""
         if self.path.exists() and not self.path.is_dir():
             raise BadInputError(f"store path {self.path} is a file", hint="--out must be a folder")
         if not is_store(self.path):
-            if self.path.is_dir() and any(self.path.iterdir()):
+            # a run killed before its first manifest leaves only our own files: start afresh
+            foreign = [p for p in self.path.iterdir() if p.name not in (FEATURES, LABELS)
+                       and not (p.name.startswith(".") and p.name.endswith(".tmp"))] if self.path.is_dir() else []
+            if foreign:
                 raise BadInputError(f"{self.path} is not empty and not a feature store",
                                     hint="choose a new or empty --out folder")
             return None
@@ -204,26 +213,31 @@ class StoreWriter:
                                 hint="pass --overwrite to replace it, or choose another --out")
         if self.manifest.get("dim") is not None and not self._open_features(self.manifest["dim"]):
             self.manifest.update(dim=None, chunks_done=[], complete=False)   # features file lost: start over
+        if not (self.path / LABELS).is_file():
+            self._write_labels(labels)
         return len(self.manifest.get("chunks_done", []))
+
+    def _write_labels(self, labels: np.ndarray) -> None:
+        with atomic_open(self.path / LABELS, "wb") as handle:
+            np.save(handle, np.asarray(labels, dtype=np.int64), allow_pickle=False)
 
     def _create(self, labels: np.ndarray, extra: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         for name in (FEATURES, LABELS):
             (self.path / name).unlink(missing_ok=True)
-        with atomic_open(self.path / LABELS, "wb") as handle:
-            np.save(handle, np.asarray(labels, dtype=np.int64), allow_pickle=False)
+        self._write_labels(labels)
         self.manifest = {"schema": SCHEMA, **self.identity, **extra, "dim": None, "chunks_done": [],
                          "complete": False, "started": _now(), "finished": None}
         _write_manifest(self.path, self.manifest)
 
     def _open_features(self, dim: int) -> bool:
         try:
-            features = np.load(self.path / FEATURES, mmap_mode="r+", allow_pickle=False)
+            shape, fortran, dtype, offset = _npy_header(self.path / FEATURES)
         except (OSError, ValueError):
             return False
-        if features.shape != (self.count, dim) or features.dtype != np.dtype(DTYPES[self.identity["dtype"]]):
+        if shape != (self.count, dim) or fortran or dtype != np.dtype(DTYPES[self.identity["dtype"]]):
             return False
-        self.features = features
+        self.dim, self._offset = int(dim), offset
         return True
 
     def pending(self) -> list[int]:
@@ -250,12 +264,18 @@ class StoreWriter:
         if not np.isfinite(rows).all():
             raise BadInputError(f"the model gave non-finite embeddings for rows {start}..{stop - 1}",
                                 hint="check the model with `shrink verify`")
-        if self.features is None:
+        if self.dim is None:
             self._allocate(rows.shape[1])
-        if rows.shape[1] != self.features.shape[1]:
-            raise BadInputError(f"chunk {chunk}: {rows.shape[1]}-d rows for a {self.features.shape[1]}-d store")
-        self.features[start:stop] = rows
-        self.features.flush()      # rows on disk before the manifest says the chunk is done
+        if rows.shape[1] != self.dim:
+            raise BadInputError(f"chunk {chunk}: {rows.shape[1]}-d rows for a {self.dim}-d store")
+        # a map of this chunk's rows only: written pages leave the process with it, so the
+        # writer's resident memory does not grow with the store
+        dtype = np.dtype(DTYPES[self.identity["dtype"]])
+        target = np.memmap(self.path / FEATURES, dtype=dtype, mode="r+", shape=(stop - start, self.dim),
+                           offset=self._offset + start * self.dim * dtype.itemsize)
+        target[:] = rows
+        target.flush()      # rows on disk before the manifest says the chunk is done
+        del target
         self.manifest["chunks_done"] = sorted({*self.manifest["chunks_done"], int(chunk)})
         _write_manifest(self.path, self.manifest)
 
@@ -264,7 +284,6 @@ class StoreWriter:
             raise BadInputError(f"feature store {self.path}: {len(self.pending())} chunks still missing")
         self.manifest.update(complete=True, finished=_now())
         _write_manifest(self.path, self.manifest)
-        self.features = None
         return self.manifest
 
 
