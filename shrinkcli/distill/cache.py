@@ -60,8 +60,10 @@ class TeacherCache:
 
     def __init__(self, directory: Path, embeddings: np.ndarray, stages: list[np.ndarray] | None):
         self.directory = Path(directory)
-        self.embeddings = torch.from_numpy(np.ascontiguousarray(embeddings))   # small: held in RAM
-        self.stages = stages                                                  # large: memory-mapped
+        # Memory-mapped (copy-on-write, so torch can view it), like the stage maps: W ranks on one
+        # machine share one copy in the page cache instead of each holding the array in RAM.
+        self.embeddings = torch.from_numpy(embeddings)
+        self.stages = stages
         self.flips = embeddings.shape[0]
 
     @property
@@ -96,7 +98,7 @@ class TeacherCache:
         if with_stages and meta.get("stage_dtype", "float16") != stage_dtype:
             return None
         try:
-            embeddings = np.load(directory / "embeddings.npy")
+            embeddings = np.load(directory / "embeddings.npy", mmap_mode="c")
             stages = None
             if with_stages:
                 stages = [np.load(directory / f"stage{k + 1}.npy", mmap_mode="r") for k in range(len(meta["stages"]))]
@@ -113,76 +115,93 @@ def _estimate_bytes(num_items: int, flips: int, embedding_size: int, stage_shape
     return num_items * flips * per_item
 
 
-def _new_array(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-
-
 def build_cache(directory: Path, key: str, dataset: Any, teacher_fn: TeacherFn, *, device: torch.device,
                 flips: int, with_stages: bool, batch_size: int = 64, workers: int = 0,
                 channels_last: bool = False, progress: bool = False, stage_dtype: str = "float16") -> TeacherCache:
     """One pass of the teacher over `dataset` (and its mirror when flips == 2), written to `directory`.
 
-    Arrays are written under temporary names and renamed into place, and `key.json` goes last, so an
-    interrupted pass leaves no cache that `TeacherCache.open` would accept.
+    Under torchrun every rank fills its own contiguous slice of the arrays in parallel (rank 0
+    creates them first), so the pass takes 1/W of the time and no rank idles in a barrier for the
+    whole pass. Arrays are written under temporary names and renamed into place, and `key.json` goes
+    last, so an interrupted pass leaves no cache that `TeacherCache.open` would accept.
     """
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Subset
+
+    from shrinkcli.engine import distributed as ddp
 
     if stage_dtype not in ("float16", "float32"):
         raise BadInputError(f"cache_dtype must be float16 or float32, got {stage_dtype!r}")
     np_stage_dtype = np.dtype(stage_dtype)
-
+    info = ddp.env_dist_info()
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / KEY_FILE).unlink(missing_ok=True)
     num_items = len(dataset)
+    if num_items < info.world_size:
+        raise BadInputError(f"cannot cache teacher outputs of {num_items} image(s) over {info.world_size} processes",
+                            hint="check --data")
+    begin, end = num_items * info.rank // info.world_size, num_items * (info.rank + 1) // info.world_size
     # A private generator: building the cache must not advance the global RNG, or the cached run
     # would shuffle and flip differently from the same run without a cache.
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
-    embeddings: np.ndarray | None = None
-    stage_arrays: list[np.ndarray] | None = None
-    temp_paths: dict[str, Path] = {}
+    loader = DataLoader(Subset(dataset, range(begin, end)), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, generator=torch.Generator().manual_seed(0),
+                        pin_memory=device.type == "cuda")
+    stage_torch_dtype = torch.float16 if stage_dtype == "float16" else torch.float32
+    arrays: dict[str, np.ndarray] | None = None
+    temp_paths = {"embeddings": directory / ".embeddings.npy.tmp"}
     done = 0
     for images, _labels, indices in loader:
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        rows = indices.numpy()
-        for flip in range(flips):
-            batch = images if flip == 0 else torch.flip(images, dims=[3])
-            maps, emb = teacher_fn(batch)
-            if embeddings is None:
-                stage_shapes = [tuple(m.shape[1:]) for m in maps] if with_stages else None
-                _check_disk_space(directory, _estimate_bytes(num_items, flips, emb.shape[1], stage_shapes,
-                                                             np_stage_dtype.itemsize))
-                temp_paths["embeddings"] = directory / ".embeddings.npy.tmp"
-                embeddings = _new_array(temp_paths["embeddings"], np.float32, (flips, num_items, emb.shape[1]))
-                if with_stages:
-                    stage_arrays = []
-                    for k, shape in enumerate(stage_shapes):
-                        temp_paths[f"stage{k + 1}"] = directory / f".stage{k + 1}.npy.tmp"
-                        stage_arrays.append(_new_array(temp_paths[f"stage{k + 1}"], np_stage_dtype, (flips, num_items, *shape)))
-            embeddings[flip, rows] = emb.float().cpu().numpy()
-            for arr, m in zip(stage_arrays or [], maps):
-                arr[flip, rows] = m.to(torch.float16 if stage_dtype == "float16" else torch.float32).cpu().numpy()
+        rows = indices.numpy()       # the dataset's own indices: Subset keeps them
+        outputs = [teacher_fn(images if flip == 0 else torch.flip(images, dims=[3])) for flip in range(flips)]
+        if arrays is None:      # the first batch gives the shapes: size the arrays, then keep going
+            maps, emb = outputs[0]
+            arrays = _open_arrays(directory, temp_paths, num_items, flips, int(emb.shape[1]),
+                                  [tuple(m.shape[1:]) for m in maps] if with_stages else None, np_stage_dtype)
+        for flip, (maps, emb) in enumerate(outputs):
+            arrays["embeddings"][flip, rows] = emb.float().cpu().numpy()
+            for k, m in enumerate(maps if with_stages else []):
+                arrays[f"stage{k + 1}"][flip, rows] = m.to(stage_torch_dtype).cpu().numpy()
         done += len(rows)
-        if progress:
-            log.info(f"teacher cache: {done}/{num_items} images")
-    if embeddings is None:
-        raise BadInputError("cannot cache teacher outputs of an empty dataset", hint="check --data")
-    for arr in [embeddings, *(stage_arrays or [])]:
+        if progress and info.is_main:
+            log.info(f"teacher cache: {done}/{end - begin} images of this process")
+    for arr in (arrays or {}).values():
         arr.flush()
-    del embeddings, stage_arrays
-    for name, tmp in temp_paths.items():
-        os.replace(tmp, directory / f"{name}.npy")
-    stage_names = [n for n in temp_paths if n.startswith("stage")]
-    atomic_write_json(directory / KEY_FILE, {"key": key, "format": CACHE_FORMAT, "flips": flips,
-                                             "num_items": num_items, "stages": stage_names,
-                                             "stage_dtype": stage_dtype})
+    del arrays
+    ddp.barrier()
+    if info.is_main:
+        for name, tmp in temp_paths.items():
+            os.replace(tmp, directory / f"{name}.npy")
+        atomic_write_json(directory / KEY_FILE, {"key": key, "format": CACHE_FORMAT, "flips": flips,
+                                                 "num_items": num_items,
+                                                 "stages": [n for n in temp_paths if n.startswith("stage")],
+                                                 "stage_dtype": stage_dtype})
+    ddp.barrier()
     cache = TeacherCache.open(directory, key, num_items=num_items, flips=flips, with_stages=with_stages,
                               stage_dtype=stage_dtype)
-    assert cache is not None, "a freshly written teacher cache must open"
+    if cache is None:
+        raise RuntimeError(f"the teacher cache just written to {directory} does not open")
     return cache
+
+
+def _open_arrays(directory: Path, temp_paths: dict[str, Path], num_items: int, flips: int, embedding_size: int,
+                 stage_shapes: list[tuple[int, ...]] | None, stage_dtype: np.dtype) -> dict[str, np.ndarray]:
+    """Rank 0 creates the temporary arrays at full size; then every rank opens them for writing."""
+    from shrinkcli.engine import distributed as ddp
+
+    shapes = {"embeddings": ((flips, num_items, embedding_size), np.dtype(np.float32))}
+    for k, shape in enumerate(stage_shapes or []):
+        temp_paths[f"stage{k + 1}"] = directory / f".stage{k + 1}.npy.tmp"
+        shapes[f"stage{k + 1}"] = ((flips, num_items, *shape), stage_dtype)
+    if ddp.env_dist_info().is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / KEY_FILE).unlink(missing_ok=True)
+        _check_disk_space(directory, _estimate_bytes(num_items, flips, embedding_size, stage_shapes,
+                                                     stage_dtype.itemsize))
+        for name, (shape, dtype) in shapes.items():
+            np.lib.format.open_memmap(temp_paths[name], mode="w+", dtype=dtype, shape=shape).flush()
+    ddp.barrier()
+    return {name: np.load(temp_paths[name], mmap_mode="r+") for name in shapes}
 
 
 def _check_disk_space(directory: Path, needed: int) -> None:
@@ -196,9 +215,14 @@ def _check_disk_space(directory: Path, needed: int) -> None:
 
 def open_or_build(directory: Path, key: str, dataset: Any, teacher_fn: TeacherFn, **kwargs: Any) -> TeacherCache:
     """Reuse the cache in `directory` when its key matches, else compute it (one teacher pass)."""
+    from shrinkcli.engine import distributed as ddp
+
     cache = TeacherCache.open(directory, key, num_items=len(dataset), flips=kwargs["flips"],
                               with_stages=kwargs["with_stages"], stage_dtype=kwargs.get("stage_dtype", "float16"))
-    if cache is not None:
+    # Every rank takes rank 0's decision, so all of them build together or none does.
+    if ddp.broadcast_object(cache is not None):
+        if cache is None:
+            raise RuntimeError(f"teacher cache {directory} opens on rank 0 but not on this rank")
         log.info(f"teacher cache: reusing {directory}")
         return cache
     log.info(f"teacher cache: computing teacher outputs for {len(dataset)} images x {kwargs['flips']} flip(s)")

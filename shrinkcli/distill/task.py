@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from shrinkcli.distill.cache import TeacherCache, open_or_build
+from shrinkcli.errors import BadInputError
 from shrinkcli.losses.distill import DistillCriterion
 
 
@@ -118,26 +119,19 @@ class DistillTask:
                 prepare(self)
 
     def _open_cache(self, trainer: Any) -> TeacherCache:
-        """Rank 0 builds (or reuses) the cache; under torchrun the other ranks then open the same one."""
+        """All ranks build (each its slice) or reuse the cache in rank 0's directory."""
         from shrinkcli.engine import distributed as ddp
 
         request = self.cache_request
         is_main = bool(getattr(trainer, "is_main", True))
-        directory = ddp.broadcast_object(str(request.directory) if is_main else None)
-        cache = None
-        if is_main:
-            cache = open_or_build(Path(directory), request.key, request.dataset, self.teacher_outputs,
-                                  device=self.device, flips=request.flips, with_stages=request.with_stages,
-                                  batch_size=request.batch_size, workers=request.workers,
-                                  channels_last=self.channels_last, stage_dtype=request.stage_dtype)
-        ddp.barrier()
-        if cache is None:
-            cache = TeacherCache.open(Path(directory), request.key, num_items=len(request.dataset),
-                                      flips=request.flips, with_stages=request.with_stages,
-                                      stage_dtype=request.stage_dtype)
-            if cache is None:
-                raise RuntimeError(f"teacher cache {directory} written by rank 0 is not readable here")
-        return cache
+        directory, key = ddp.broadcast_object((str(request.directory), request.key) if is_main else None)
+        if key != request.key:
+            raise BadInputError("the processes of this run load different teachers or data (teacher cache keys differ)",
+                                hint="give every rank the same --teacher file and --data")
+        return open_or_build(Path(directory), request.key, request.dataset, self.teacher_outputs,
+                             device=self.device, flips=request.flips, with_stages=request.with_stages,
+                             batch_size=request.batch_size, workers=request.workers,
+                             channels_last=self.channels_last, stage_dtype=request.stage_dtype)
 
     def _autocast(self):
         if self.device.type == "cuda":

@@ -10,7 +10,6 @@ its exit code.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -96,12 +95,11 @@ def stage_state(run_dir: Path, config: Any) -> str:
     return "done"
 
 
-def prepare_stage(run_dir: Path, config: Any, *, force: bool = False,
-                  may_write: bool = True) -> tuple[str, str | None]:
+def prepare_stage(run_dir: Path, config: Any, *, force: bool = False) -> tuple[str, str | None]:
     """(state, resume source): an up-to-date stage is 'done'; a stale one is removed so its
     outputs are replaced, not mixed; a resumable one resumes from its own run dir."""
     state = "stale" if force and (run_dir / MANIFEST).exists() else stage_state(run_dir, config)
-    if state == "stale" and may_write:
+    if state == "stale":
         shutil.rmtree(run_dir)
     return state, (str(run_dir) if state == "resumable" else None)
 
@@ -138,8 +136,13 @@ def run(recipe_path: str | Path | None, overrides: list[str], options: RunOption
 
         return experiment.run(recipe, parent, options)
     configs = _stage_configs(recipe, parent)
-    # Under torchrun every rank trains; only rank 0 touches files and runs export/verify.
-    rank = int(os.environ.get("RANK", "0"))
+    # Under torchrun every rank trains; only rank 0 touches files and runs export/verify. Rank 0
+    # decides each stage's state and every rank waits after each stage, so the others always load
+    # the artifact rank 0 finished writing (model.safetensors), never a half-written run dir.
+    from shrinkcli.engine import distributed as ddp
+
+    rank = ddp.env_dist_info().rank
+    ddp.init_distributed(configs["teacher"].device)
     parent_run = None
     if rank == 0:
         parent_run = RunDir.create("pipeline", run_dir=parent, exist_ok=True,
@@ -149,13 +152,22 @@ def run(recipe_path: str | Path | None, overrides: list[str], options: RunOption
     rows, results = [], {}
     try:
         for stage in STAGES:
-            if rank != 0 and stage in ("export", "verify"):
-                continue
             run_dir = parent / stage
             config = configs[stage]
-            state, resume = prepare_stage(run_dir, config, force=force, may_write=rank == 0)
+            if stage in ("export", "verify"):
+                if rank != 0:
+                    continue
+                state, resume = prepare_stage(run_dir, config, force=force)
+            else:
+                decided = prepare_stage(run_dir, config, force=force) if rank == 0 else None
+                state, resume = ddp.broadcast_object(decided)
+                if rank != 0 and getattr(config, "load", None):
+                    ddp.barrier()       # an imported teacher is written by rank 0 alone
+                    continue
             started = time.perf_counter()
             if state == "done":
+                if stage in ("teacher", "distill"):
+                    ddp.barrier()
                 log.info(f"[{stage}] up to date, skipped ({run_dir})")
                 results[stage] = load_manifest(run_dir).get("results", {})
                 rows.append({"stage": stage, "action": "skipped (up to date)", "seconds": 0.0, "run_dir": str(run_dir)})
@@ -163,6 +175,8 @@ def run(recipe_path: str | Path | None, overrides: list[str], options: RunOption
             log.info(f"[{stage}] {'resuming' if resume else 'running'} -> {run_dir}")
             stage_options = RunOptions(project=options.project, run_dir=str(run_dir), exist_ok=True)
             result = _call(stage, config, stage_options, resume, parent)
+            if stage in ("teacher", "distill"):
+                ddp.barrier()
             results[stage] = result.get("summary", {})
             rows.append({"stage": stage, "action": "resumed" if resume else "ran",
                          "seconds": round(time.perf_counter() - started, 1), "run_dir": str(run_dir)})
