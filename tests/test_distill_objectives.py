@@ -133,3 +133,21 @@ def test_recipe_variants_are_valid_distill_configs(recipe):
              for name, changes in data["experiment"]["variants"].items()}
     assert built["centres"].head_centres == "teacher" and built["ekd"].ekd_weight == 1.0
     assert built["similarity"].similarity_weight == 3000.0
+
+
+def test_fixed_centre_head_is_not_handed_to_ddp_but_an_adapter_head_is():
+    from shrinkcli.distill import DistillTask
+    from shrinkcli.losses.centres import TeacherCentreHead
+    from shrinkcli.losses.distill import DistillCriterion
+
+    teacher = create_model("r18", embedding_size=32, input_size=SIZE, width=0.125)
+    wrapped = []
+    for student_dim, expect_wrapped in ((32, False), (16, True)):
+        student = create_model("mobilefacenet", embedding_size=student_dim, input_size=SIZE, width=0.25)
+        criterion = DistillCriterion(student_channels=student.stage_channels, teacher_channels=teacher.stage_channels,
+                                     student_embedding=student_dim, teacher_embedding=32)
+        head = TeacherCentreHead(student_dim, 32, 4)
+        task = DistillTask(student=student, teacher=teacher, criterion=criterion, head=head)
+        wrapped.clear()
+        task.distribute(lambda module: wrapped.append(module) or module)
+        assert (head in wrapped) == expect_wrapped and len(wrapped) == 1 + expect_wrapped
