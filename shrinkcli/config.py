@@ -244,7 +244,7 @@ class DistillConfig(TrainConfig):
 
 @dataclass
 class ExportConfig(Config):
-    format: Literal["onnx", "safetensors", "all"] = "onnx"
+    format: Literal["onnx", "safetensors", "ncnn", "openvino", "tflite", "all"] = "onnx"
     opset: int = 18
     dtype: Literal["fp32", "fp16"] = "fp32"
     quantize: Optional[Literal["int8"]] = None

@@ -222,7 +222,11 @@ def open_runner(source: str, what: str = "model") -> EmbeddingRunner:
     path = Path(artifact.path)
     if path.suffix.lower() == ".onnx":
         return OnnxRunner(path, artifact.sha256)
+    if path.suffix.lower() in (".param", ".xml", ".tflite"):     # ncnn, OpenVINO, TFLite
+        from shrinkcli.evaluate.deploy_runner import DeployRunner
+
+        return DeployRunner(path, artifact.sha256)
     if path.suffix.lower() in (".safetensors", ".pt", ".pth", ".ckpt", ".bin"):
         return TorchRunner(path, artifact.sha256)
     raise BadInputError(f"{what} {path}: unknown file type {path.suffix or '(none)'}",
-                        hint="use a .onnx, .safetensors, .pt or .pth file, or a run dir")
+                        hint="use a .onnx, .safetensors, .pt, .pth, .param (ncnn), .xml (OpenVINO) or .tflite file, or a run dir")

@@ -54,6 +54,22 @@ def _validate(config: ExportConfig) -> None:
                             hint="use --format onnx or --format all with them")
     if config.calib_images <= 0 or config.check_images <= 0:
         raise BadInputError("calib_images and check_images must be > 0")
+    from shrinkcli.export import deploy
+
+    for runtime in _runtimes(config):
+        if config.format == runtime:        # `all` writes the runtimes that are installed
+            deploy.require(runtime, to_write=True)
+
+
+def _runtimes(config: ExportConfig) -> list[str]:
+    from shrinkcli.export import deploy
+
+    if config.format == "all":
+        missing = [r for r in deploy.RUNTIMES if not deploy.available(r, to_write=True)]
+        for runtime in missing:
+            log.info(f'--format all: no {runtime} files (pip install "shrink[{runtime}]" adds them)')
+        return [r for r in deploy.RUNTIMES if r not in missing]
+    return [config.format] if config.format in deploy.RUNTIMES else []
 
 
 def _parity_pixels(config: ExportConfig, spec, crop: int | None):
@@ -174,9 +190,12 @@ def _export(model, meta, source: Artifact, config: ExportConfig, spec, out: RunD
             results["parity"] = _check_variants(model, written, config, spec, crop)
         else:
             results["parity"] = "skipped (--no-check)"
+    runtimes = _runtimes(config)
+    if runtimes:
+        written.update(_write_runtimes(runtimes, model, meta, source, config, spec, out, results))
     if config.format in ("safetensors", "all"):
         written["safetensors"], results["safetensors_roundtrip"] = _write_safetensors(model, meta, source, out)
-    results["sizes_bytes"] = {FILES[kind]: path.stat().st_size for kind, path in written.items()}
+    results["sizes_bytes"] = {path.name: path.stat().st_size for path in written.values()}
     out.set_results(**results)
     failed = [v for v, r in (results["parity"] if isinstance(results.get("parity"), dict) else {}).items()
               if not r["passed"]]
@@ -196,7 +215,7 @@ def _report(results: dict[str, Any], written: dict[str, Path], out: RunDir) -> d
     parity = results.get("parity") if isinstance(results.get("parity"), dict) else {}
     rows = []
     for kind, path in written.items():
-        check = parity.get(VARIANT_OF_KIND.get(kind, ""), {})
+        check = parity.get(VARIANT_OF_KIND.get(kind, kind), {})
         if kind == "safetensors":
             verdict = f"reload {results.get('safetensors_roundtrip')}"
         elif check:
@@ -211,3 +230,46 @@ def _report(results: dict[str, Any], written: dict[str, Path], out: RunDir) -> d
         summary[f"{variant}_cosine_min"] = check["cosine_min"]
     summary["status"] = "ok" if all(c["passed"] for c in parity.values()) else "check failed"
     return {"summary": summary, "tables": {"exported artifacts": rows}}
+
+
+def _write_runtimes(runtimes, model, meta, source: Artifact, config: ExportConfig, spec, out: RunDir,
+                    results: dict[str, Any]) -> dict[str, Path]:
+    """ncnn / OpenVINO / TFLite files, each gated in its own runtime (shrinkcli.export.deploy)."""
+    from shrinkcli.export import deploy
+    from shrinkcli.export.check import generated_pixels, load_pixels, torch_embeddings
+
+    crop = (meta.get("preprocess") or {}).get("crop")
+    extra = {"source_file": Path(source.path).name, "source_sha256": source.sha256}
+    if crop:
+        extra["crop"] = str(int(crop))
+    if config.calib_data:
+        calib = load_pixels(config.calib_data, config.calib_images, input_size=spec.input_size, crop=crop)
+    else:
+        calib = generated_pixels(config.calib_images, spec.input_size, seed=1)
+        if config.quantize:
+            log.warning("no --calib-data: ncnn/OpenVINO/TFLite int8 is calibrated on generated images; "
+                        "pass --calib-data with a few hundred faces")
+    pixels, origin = _parity_pixels(config, spec, crop) if config.check else (None, None)
+    reference = torch_embeddings(model, spec, pixels) if config.check else None
+    parity = results["parity"] if isinstance(results.get("parity"), dict) else {}
+    written: dict[str, Path] = {}
+    for runtime in runtimes:
+        files = deploy.write_runtime(runtime, model, spec, out.path, variants=deploy.variants_for(runtime, config),
+                                     calib_pixels=calib, metadata=extra)
+        rspec = deploy.runtime_spec(runtime, spec)
+        for variant, path in files.items():
+            kind = deploy.kind_of(runtime, variant)
+            written[kind] = path
+            for part in deploy.module(runtime).companion_files(path)[1:] + [deploy.sidecar(path)]:
+                out.add_output(part, f"{kind}-{'metadata' if part.suffix == '.json' else 'weights'}")
+            out.add_output(path, kind)
+            if not config.check:
+                continue
+            result = deploy.gate(path, variant, rspec.graph_input(pixels), reference, config.min_cosine)
+            result["images_from"] = origin
+            parity[kind] = result
+            log.info(f"parity {kind} (in {runtime}): cosine min {result['cosine_min']:.6f} mean "
+                     f"{result['cosine_mean']:.6f} (need >= {result['min_cosine_required']}) "
+                     f"{'ok' if result['passed'] else 'FAILED'}")
+    results["parity"] = parity if config.check else "skipped (--no-check)"
+    return written
