@@ -217,6 +217,7 @@ class DistillConfig(TrainConfig):
     cache_stages: bool = False          # also cache the four stage maps when caching
     cache_dtype: Literal["float16", "float32"] = "float16"   # stage maps on disk: half the size, or exact
     cache_dir: Optional[str] = None     # where the teacher cache lives (default: <run dir>/teacher_cache)
+    compile_teacher: Literal["auto", "on", "off"] = "auto"   # torch.compile the frozen teacher: auto (on CUDA, off on CPU), on or off
     # Objectives beyond ShrinkTeaNet (docs/losses.md): fixed teacher-space class centres for the
     # margin head (ProxylessKD), similarity-preserving KD and evaluation-oriented rank KD (EKD).
     head_centres: Literal["learned", "teacher", "teacher-classifier", "teacher-mean"] = "learned"

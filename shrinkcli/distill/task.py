@@ -3,8 +3,11 @@
 Trainable: the student backbone, the stage/embedding adapters and (with labels) a margin head.
 The teacher is frozen: eval mode (BN running statistics, no dropout), `requires_grad=False` on
 every parameter, evaluated under `torch.no_grad()` (not `inference_mode`: the losses save the
-teacher's tensors for the student's backward pass, which inference tensors forbid), in bf16
-autocast on CUDA and channels_last when the engine uses it.
+teacher's tensors for the student's backward pass, which inference tensors forbid), in the run's
+autocast dtype (`amp`) and channels_last when the engine uses it. It runs as prepared by
+`shrinkcli.models.freeze.prepare_teacher` (BN folded; on CUDA weights cast once to the autocast
+dtype and the forward compiled, `compile_teacher`); stage maps are computed only when a stage
+loss (or the cache) needs them and stay in the compute dtype (the losses upcast).
 
 Objective per step:
 `L = L_margin (with labels) + embed_weight * L(e_s, e_t) + sum_k stage_weights[k] * L(adapt_k(s_k), t_k)`.
@@ -65,7 +68,7 @@ class DistillTask:
 
     def __init__(self, *, student: nn.Module, teacher: nn.Module, criterion: DistillCriterion,
                  head: nn.Module | None = None, cache: CacheRequest | None = None,
-                 relational: nn.Module | None = None):
+                 relational: nn.Module | None = None, compile_teacher: str = "auto"):
         self.student = student
         self.teacher = freeze(teacher)
         self.criterion = criterion
@@ -75,6 +78,10 @@ class DistillTask:
         self.cache: TeacherCache | None = None
         self.device = torch.device("cpu")
         self.channels_last = False
+        self.autocast_dtype: torch.dtype | None = None
+        self.compile_teacher = compile_teacher
+        self.prepared: nn.Module | None = None      # the teacher as run (see teacher_outputs)
+        self.prepared_info: dict[str, Any] = {}
         self.teacher_steps = 0          # teacher forward passes made during training (0 when cached)
         criterion.freeze_unused_adapters()
         self.student_step: nn.Module = StudentStep(student, criterion)
@@ -105,10 +112,13 @@ class DistillTask:
         """Put the frozen teacher beside the student and fill the cache (one pass) if asked to."""
         self.device = torch.device(getattr(trainer, "device", "cpu"))
         self.channels_last = bool(getattr(getattr(trainer, "config", None), "channels_last", False))
+        self.autocast_dtype = getattr(trainer, "autocast_dtype", None)
         self.teacher.to(self.device)
         if self.channels_last:
             self.teacher.to(memory_format=torch.channels_last)
         freeze(self.teacher)
+        self.prepared = None            # prepared for this device, dtype and memory format
+        self.prepare_teacher()
         if self.cache_request is not None and self.cache is None:
             # The pass must leave every RNG as it found it, or a cached run would diverge from an inline one.
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -128,23 +138,46 @@ class DistillTask:
         if key != request.key:
             raise BadInputError("the processes of this run load different teachers or data (teacher cache keys differ)",
                                 hint="give every rank the same --teacher file and --data")
-        return open_or_build(Path(directory), request.key, request.dataset, self.teacher_outputs,
+        def teacher_fn(images):
+            return self.teacher_outputs(images, with_stages=request.with_stages)
+
+        return open_or_build(Path(directory), request.key, request.dataset, teacher_fn,
                              device=self.device, flips=request.flips, with_stages=request.with_stages,
                              batch_size=request.batch_size, workers=request.workers,
                              channels_last=self.channels_last, stage_dtype=request.stage_dtype)
 
+    def prepare_teacher(self) -> nn.Module:
+        """The frozen teacher as it runs here (built once, on the current device)."""
+        if self.prepared is None:
+            from shrinkcli.models.freeze import prepare_teacher
+
+            self.prepared, self.prepared_info = prepare_teacher(
+                self.teacher, device=self.device, autocast_dtype=self.autocast_dtype,
+                channels_last=self.channels_last, compile=self.compile_teacher)
+        return self.prepared
+
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.prepared_info.get("dtype", "float32") != "float32":
+            # Weights and inputs already are in the compute dtype: autocast would only add casts.
+            return torch.autocast(self.device.type, enabled=False)
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype)
         return contextlib.nullcontext()
 
-    def teacher_outputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The frozen teacher's (stage maps, embedding) in float32, without autograd history."""
-        if self.teacher.training:       # something called .train() on every module: undo it
-            self.teacher.eval()
+    def teacher_outputs(self, images: torch.Tensor, with_stages: bool | None = None
+                        ) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
+        """The frozen teacher's (stage maps in the compute dtype, or None when not needed; float32
+        embedding), without autograd history."""
+        if with_stages is None:
+            with_stages = self.criterion.needs_teacher_stages
+        if self.prepared is None:
+            self.device = images.device
+        prepared = self.prepare_teacher()
+        if prepared.training:           # something called .train() on every module: undo it
+            prepared.eval()
         with torch.no_grad(), self._autocast():
-            out = self.teacher.forward_features(images)
-        return [s.float() for s in out.stages], out.embedding.float()
+            stages, embedding = prepared(images, with_stages)
+        return (list(stages) if with_stages else None), embedding.float()
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
              flipped: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:

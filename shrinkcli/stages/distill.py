@@ -131,7 +131,7 @@ def build_task(config: DistillConfig, teacher, teacher_sha256: str, dataset, cac
                                batch_size=config.batch_size, workers=max(0, config.workers),
                                stage_dtype=config.cache_dtype)
     return DistillTask(student=student, teacher=teacher, criterion=criterion, head=head, cache=request,
-                       relational=relational)
+                       relational=relational, compile_teacher=config.compile_teacher)
 
 
 def _record_data(run_dir: RunDir, config: DistillConfig, dataset) -> None:
