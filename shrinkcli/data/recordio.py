@@ -150,6 +150,17 @@ def read_index(path: Path, rec: RecordFile) -> tuple[list[int], list[int]]:
     return keys, offsets
 
 
+def _key_table(keys: list[int], offsets: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted keys, their offsets) as two int64 arrays; a repeated key keeps its last offset.
+    Two flat arrays, not a dict: a dataset of millions of records is pickled into every
+    DataLoader worker, and a dict of Python ints costs ~100 bytes an entry there, arrays 16."""
+    key_array, offset_array = np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+    order = np.argsort(key_array, kind="stable")
+    key_array, offset_array = key_array[order], offset_array[order]
+    last = np.append(key_array[1:] != key_array[:-1], True)     # the last of each run of equal keys
+    return key_array[last], offset_array[last]
+
+
 class RecordDataset(FaceDataset):
     _unpicklable = ()
 
@@ -167,15 +178,15 @@ class RecordDataset(FaceDataset):
             log.warning(f"{idx_path} not found: scanning {rec_path} to index it")
             offsets = list(self.rec.scan())
             keys = list(range(len(offsets)))
-        self._offset_of = dict(zip(keys, offsets))
         if not keys:
             raise BadInputError(f"{rec_path} has no records")
+        self._index_keys, self._index_offsets = _key_table(keys, offsets)
         self.header = None
         first_key = min(keys)
         flag, labels, _, _, image = self._unpack(first_key)
         if flag > 0 and len(image) == 0 and labels.size >= 2:
             self.header = (int(labels[0]), int(labels[1]))
-            image_keys = [k for k in range(1, self.header[0]) if k in self._offset_of]
+            image_keys = [k for k in range(1, self.header[0]) if self._has(k)]
         else:
             image_keys = sorted(keys)
         self.keys = np.asarray(image_keys, dtype=np.int64)
@@ -185,8 +196,18 @@ class RecordDataset(FaceDataset):
             labels = [self._label_of(int(k)) for k in self.keys]
         super().__init__(np.asarray(labels, dtype=np.int64), num_classes=num_classes, **options)
 
+    def _has(self, key: int) -> bool:
+        at = int(np.searchsorted(self._index_keys, key))
+        return at < len(self._index_keys) and int(self._index_keys[at]) == key
+
+    def _offset(self, key: int) -> int:
+        at = int(np.searchsorted(self._index_keys, key))
+        if at == len(self._index_keys) or int(self._index_keys[at]) != key:
+            raise KeyError(key)
+        return int(self._index_offsets[at])
+
     def _unpack(self, key: int):
-        offset = self._offset_of[key]
+        offset = self._offset(key)
         payload, _ = self.rec.read(offset)
         return unpack_header(payload, f"{self.rec.path} key {key} (offset {offset})")
 
@@ -202,7 +223,7 @@ class RecordDataset(FaceDataset):
         start, end = self.header
         labels = np.full(start, -1, dtype=np.int64)
         for identity, key in enumerate(range(start, end)):
-            if key not in self._offset_of:
+            if not self._has(key):
                 return None
             _, bounds, _, _, _ = self._unpack(key)
             if bounds.size < 2:
@@ -228,7 +249,7 @@ class RecordDataset(FaceDataset):
 
     def describe(self, index: int) -> str:
         key = int(self.keys[index])
-        return f"{self.rec.path} key {key} (offset {self._offset_of[key]})"
+        return f"{self.rec.path} key {key} (offset {self._offset(key)})"
 
     def encoded(self, index: int) -> bytes:
         return self._unpack(int(self.keys[index]))[4]

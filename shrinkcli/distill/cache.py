@@ -65,6 +65,19 @@ class TeacherCache:
         self.embeddings = torch.from_numpy(embeddings)
         self.stages = stages
         self.flips = embeddings.shape[0]
+        self.device_embeddings: torch.Tensor | None = None
+
+    def place(self, device: torch.device | str, max_fraction: float = 0.25) -> bool:
+        """Keep the embeddings on a CUDA device when they take at most `max_fraction` of its free
+        memory, so a lookup is one on-device gather; True when they are there."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return False
+        free, _total = torch.cuda.mem_get_info(device)
+        if self.embeddings.numel() * self.embeddings.element_size() > max_fraction * free:
+            return False
+        self.device_embeddings = self.embeddings.to(device)
+        return True
 
     @property
     def has_stages(self) -> bool:
@@ -72,16 +85,26 @@ class TeacherCache:
 
     def lookup(self, indices: torch.Tensor, flipped: torch.Tensor | None, device: torch.device | str = "cpu",
                with_stages: bool = True) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
-        """Teacher (stage maps as float32 or None, embedding) for a batch of (index, flip)."""
+        """Teacher (stage maps as float32 or None, embedding) for a batch of (index, flip).
+
+        The trainer passes indices and flip flags from the host: nothing here reads the device.
+        Rows gathered on the host travel from pinned memory, so their copy does not block."""
+        device = torch.device(device)
         idx = indices.detach().to("cpu", torch.long)
         flip = torch.zeros_like(idx) if flipped is None else flipped.detach().to("cpu", torch.long)
         if len(flip) and int(flip.max()) >= self.flips:
             raise RuntimeError("teacher cache holds no flipped outputs but a flipped batch was requested")
-        embedding = self.embeddings[flip, idx].to(device, non_blocking=True)
+        pin = device.type == "cuda"
+        if self.device_embeddings is not None and self.device_embeddings.device == device:
+            rows = torch.stack([flip, idx])
+            rows = (rows.pin_memory() if pin else rows).to(device, non_blocking=True)
+            embedding = self.device_embeddings[rows[0], rows[1]]
+        else:
+            embedding = _to_device(self.embeddings[flip, idx], device, pin)
         maps = None
         if with_stages and self.stages is not None:
             i_np, f_np = idx.numpy(), flip.numpy()
-            maps = [torch.from_numpy(np.asarray(arr[f_np, i_np])).to(device).float() for arr in self.stages]
+            maps = [_to_device(torch.from_numpy(np.asarray(arr[f_np, i_np])), device, pin).float() for arr in self.stages]
         return maps, embedding
 
     @classmethod
@@ -107,6 +130,10 @@ class TeacherCache:
         if embeddings.shape[:2] != (meta["flips"], num_items) or any(s.shape[1] != num_items for s in stages or []):
             return None
         return cls(directory, embeddings, stages)
+
+
+def _to_device(rows: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    return (rows.pin_memory() if pin else rows).to(device, non_blocking=pin)
 
 
 def _estimate_bytes(num_items: int, flips: int, embedding_size: int, stage_shapes: Sequence[Sequence[int]] | None,

@@ -123,6 +123,7 @@ class DistillTask:
             # The pass must leave every RNG as it found it, or a cached run would diverge from an inline one.
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 self.cache = self._open_cache(trainer)
+            self.cache.place(self.device)
         prepare = getattr(self.head, "prepare", None)
         if prepare is not None:     # teacher-mean centres: from the cache, or one teacher pass
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):

@@ -10,9 +10,9 @@ The task protocol (`TrainTask`) is deliberately small:
 - `modules() -> dict[str, nn.Module]`: the trainable modules, checkpointed and optimised. The FIRST
   entry is the backbone (its weights are the model a stage exports).
 - `loss(images, labels, indices, flipped) -> (loss, logs)`: `images` float [B,3,H,W] on the device
-  (already flipped where `flipped` is True), `labels` int64 [B] and `flipped` bool [B] on the device,
-  `indices` int64 [B] dataset indices on the CPU (e.g. to look up cached teacher outputs per
-  (index, flipped)). `loss` is a scalar tensor; `logs` maps names to floats or 0-d tensors (the
+  (already flipped where `flipped` is True), `labels` int64 [B] on the device, `flipped` bool [B]
+  and `indices` int64 [B] dataset indices on the CPU (e.g. to look up cached teacher outputs per
+  (index, flipped) without reading the device). `loss` is a scalar tensor; `logs` maps names to floats or 0-d tensors (the
   engine converts them only on logging steps, so returning tensors avoids a device sync per step).
   The call runs under the engine's autocast context.
 - `embedder() -> nn.Module`: maps a normalised batch to embeddings, for periodic validation.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import random
 import signal
 import threading
 import time
@@ -16,6 +15,8 @@ import torch
 from shrinkcli import log
 from shrinkcli.engine import checkpoint as ckpt
 from shrinkcli.engine import distributed as ddp
+from shrinkcli.engine.batches import build_loader, device_batch, seed_everything
+from shrinkcli.engine.health import DeferredChecks, masked_step, optimizer_tensors, snapshot
 from shrinkcli.engine.metrics import MetricsFiles, ProgressView
 from shrinkcli.engine.optim import LRSchedule, build_optimizer
 from shrinkcli.engine.resume import resume_run
@@ -23,19 +24,6 @@ from shrinkcli.engine.validation import verify_pairs
 from shrinkcli.errors import BadInputError, TrainingDivergedError
 
 __all__ = ["Trainer", "resume_run"]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # Each worker gets its own deterministic stream derived from the loader's generator.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -59,6 +47,14 @@ class Trainer:
         self.preprocess = {"mean": config.mean, "std": config.std, "crop": config.crop,
                            "input_size": config.input_size, "channel_order": "RGB"}
         self.autocast_dtype = amp_dtype(config.amp, self.device)
+        if self.device.type == "cuda":
+            # Fixed input shapes: let cuDNN pick its fastest kernels. fp32 matmuls (the margin
+            # head's GEMM) may use TF32, the precision arcface_torch trains its heads with.
+            torch.backends.cudnn.benchmark = True
+            torch.set_float32_matmul_precision("high")
+        # Reading the loss on the host waits for the GPU: on CUDA it is read every log_every steps
+        # (see shrinkcli.engine.health); on CPU reading costs nothing and happens every step.
+        self.defer_checks = self.device.type == "cuda"
         self.epoch = self.position = self.step = self.nan_skips = 0
         self.stop_requested = False
         self.best_accuracy: float | None = None
@@ -81,10 +77,18 @@ class Trainer:
                                 f"({self.sampler.global_batch})", hint="lower --batch-size or add data")
         self._prepare_modules()
         self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        # Gradient clipping covers the backbone (the task's first module) only, as arcface_torch
+        # does: a margin head's gradient norm grows with its class count and would otherwise
+        # shrink the backbone's update on large datasets. The rest is still checked for non-finite values.
+        backbone = {id(p) for p in next(iter(self.modules.values())).parameters()}
+        self.clipped = [p for p in self.params if id(p) in backbone]
+        self.unclipped = [p for p in self.params if id(p) not in backbone]
         self.float_buffers = [b for m in self.modules.values() for b in m.buffers() if b.is_floating_point()]
         self.optimizer = build_optimizer(config, self.modules.values())
         self.schedule = LRSchedule.from_config(self.optimizer, config, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
+        self.checks = DeferredChecks(config.nan_policy, config.max_nan_skips, 0, self.device)
+        self.normalise = None   # (mean, std) on the device when the loader ships uint8 images
 
     @property
     def weights_dir(self) -> Path | None:
@@ -142,6 +146,7 @@ class Trainer:
 
     def save(self, best: bool = False) -> Path | None:
         """Write weights/last.pt (and best.pt); refuse to replace a good checkpoint with non-finite weights."""
+        self._flush_checks()
         ddp.average_buffers(self.modules.values())
         if not ckpt.all_finite(self.modules):
             raise TrainingDivergedError(f"weights became non-finite at step {self.step}; no checkpoint written",
@@ -172,6 +177,7 @@ class Trainer:
             seed_everything(self.config.seed + self.dist.rank)
         ddp.broadcast_modules(list(self.modules.values()))
         self._distribute()
+        self.checks = DeferredChecks(self.config.nan_policy, self.config.max_nan_skips, self.nan_skips, self.device)
         if self.run is not None and self.is_main:
             self.run.set_device(str(self.device) + (f" x{self.dist.world_size}" if self.dist.enabled else ""))
             if resumed_from:
@@ -230,12 +236,9 @@ class Trainer:
         raise KeyboardInterrupt
 
     def _loader(self) -> torch.utils.data.DataLoader:
-        workers = max(0, self.config.workers)
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=workers,
-            pin_memory=self.device.type == "cuda", worker_init_fn=_seed_worker if workers else None,
-            generator=torch.Generator().manual_seed(self.config.seed + self.dist.rank),
-            persistent_workers=False)
+        loader, self.normalise = build_loader(self.dataset, self.sampler, workers=self.config.workers,
+                                              device=self.device, seed=self.config.seed + self.dist.rank)
+        return loader
 
     def _loop(self, metrics: MetricsFiles, progress: ProgressView, total: int) -> float | None:
         config = self.config
@@ -257,13 +260,13 @@ class Trainer:
                     if self.stop_requested:      # Ctrl-C also reached the loader's worker processes
                         self._stop_now()
                     raise
-                loss_value, logs = self._train_step(images, labels, indices, flips)
-                last_loss = loss_value
+                last_loss, logs = self._train_step(images, labels, indices, flips)
                 window_images += len(images) * self.dist.world_size
                 if self.step % max(1, config.log_every) == 0 or self.step == total:
+                    last_loss = self._flush_checks(last_loss)
                     now = time.perf_counter()
                     record = {"step": self.step, "epoch": self.epoch + self.position / (self.steps_per_epoch * self.sampler.global_batch),
-                              "loss": loss_value, "lr": self.schedule.lr(),
+                              "loss": last_loss, "lr": self.schedule.lr(),
                               "img_per_s": window_images / max(now - window_start, 1e-9), "nan_skips": self.nan_skips,
                               **{k: float(v) for k, v in logs.items()}}
                     window_start, window_images = now, 0
@@ -277,59 +280,81 @@ class Trainer:
                     self.save()
                 if self.step >= total:
                     break
+            last_loss = self._flush_checks(last_loss)
             if self.position >= self.steps_per_epoch * self.sampler.global_batch:
                 self._end_epoch(metrics, last_loss)
             elif self.step >= total:
                 self.save()  # stopped mid-epoch by max_steps: keep an exactly resumable state
-        return last_loss
+        return self._flush_checks(last_loss)
 
-    def _train_step(self, images, labels, indices, flips) -> tuple[float, dict[str, Any]]:
-        flipped = flips[indices] if flips is not None else torch.zeros(len(indices), dtype=torch.bool)
-        images = images.to(self.device, non_blocking=True)
-        flipped = flipped.to(self.device, non_blocking=True)
-        images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(3), images)  # on the device: cheaper
-        if self.config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(self.device, non_blocking=True)
+    def _flush_checks(self, last_loss: Any = None) -> float | None:
+        """Read the deferred steps' losses and flags (one host sync) and apply the NaN policy to
+        them in order; the loss of the latest step read (else `last_loss` as a float)."""
+        for entry, loss, bad in self.checks.read():
+            last_loss = loss
+            if bad:
+                self._handle_non_finite(loss, entry.step, entry.epoch)
+        return None if last_loss is None else float(last_loss)
+
+    def _train_step(self, images, labels, indices, flips) -> tuple[Any, dict[str, Any]]:
+        """One optimizer step; returns the loss (a device tensor when its check is deferred)."""
+        images, labels, flipped = device_batch(images, labels, indices, flips, device=self.device,
+                                               normalise=self.normalise, channels_last=self.config.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
+        state = optimizer_tensors(self.optimizer, self.params) if self.defer_checks and self.scaler is None else None
         # A step that turns out non-finite must leave no trace: its forward pass already updated
-        # BatchNorm running stats in train mode, so keep a copy to put back (skip policy only).
-        buffers = ([b.detach().clone() for b in self.float_buffers] if self.config.nan_policy == "skip" else None)
+        # BatchNorm running stats in train mode, so keep a copy to put back.
+        buffers = snapshot(self.float_buffers) if self.config.nan_policy == "skip" or state is not None else None
         with self._autocast():
+            # `flipped` stays on the host (like `indices`): a cache lookup by it then needs no sync.
             loss, logs = self.task.loss(images, labels, indices, flipped)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()  # DDP all-reduces here
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad)
-                     if self.config.clip_grad else torch.zeros((), device=self.device))
-        # One sync per step: the mean loss over ranks and whether any rank saw a non-finite value.
-        finite = torch.isfinite(loss.detach()) & (torch.isfinite(grad_norm) if self.scaler is None else True)
+        zero = torch.zeros((), device=self.device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped, self.config.clip_grad) if self.config.clip_grad else zero
+        rest = [p.grad for p in (self.unclipped if self.config.clip_grad else self.params) if p.grad is not None]
+        rest_norm = torch.nn.utils.get_total_norm(rest) if rest else zero
+        # The mean loss over ranks and whether any rank saw a non-finite value, reduced on the device.
+        finite = torch.isfinite(loss.detach())
+        if self.scaler is None:
+            finite = finite & torch.isfinite(grad_norm) & torch.isfinite(rest_norm)
         stats = torch.stack([loss.detach().float(), (~finite).float()])
         ddp.all_reduce_mean(stats)
-        loss_value, any_bad = float(stats[0]), bool(stats[1] > 0)
-        if any_bad:
-            self._handle_non_finite(loss_value)
-            with torch.no_grad():
-                for buf, saved in zip(self.float_buffers, buffers or []):
-                    buf.copy_(saved)
-            if self.scaler is not None:
-                # unscale_ already ran for this step: without update() the next step's unscale_ raises.
-                self.scaler.update()
-        elif self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        if state is not None:
+            bad = stats[1] > 0
+            masked_step(self.optimizer, self.checks.gate(bad), self.params + state, self.float_buffers, buffers)
+            self.checks.add(self.step + 1, self.epoch, stats[0], bad)
+            loss_value: Any = stats[0]
         else:
-            self.optimizer.step()
+            self._flush_checks()
+            loss_value, any_bad = float(stats[0]), bool(stats[1] > 0)
+            if any_bad:
+                self._handle_non_finite(loss_value, self.step + 1, self.epoch)
+                with torch.no_grad():
+                    for buf, saved in zip(self.float_buffers, buffers or []):
+                        buf.copy_(saved)
+                if self.scaler is not None:
+                    # unscale_ already ran for this step: without update() the next step's unscale_ raises.
+                    self.scaler.update()
+            elif self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
         self.schedule.step()
         self.step += 1
         self.position += self.sampler.global_batch
         return loss_value, logs
 
-    def _handle_non_finite(self, loss_value: float) -> None:
+    def _handle_non_finite(self, loss_value: float, step: int, epoch: int) -> None:
+        """The NaN policy for non-finite step `step` (1-based); a deferred check reaches it later,
+        when the device has already kept that step and every later one from changing anything."""
         self.optimizer.zero_grad(set_to_none=True)
-        where = f"step {self.step + 1} (epoch {self.epoch})"
+        where = f"step {step} (epoch {epoch})"
         last = f"last good checkpoint: {self.last_good}" if self.last_good else "no checkpoint written yet"
         if self.config.nan_policy == "stop":
+            self.step = step - 1        # the state is that of the last good step
             self._mark("diverged")
             raise TrainingDivergedError(f"non-finite loss/gradient ({loss_value}) at {where}",
                                         hint=f"{last}; lower --lr, use amp=bf16/off, or set nan_policy=skip")
@@ -337,6 +362,7 @@ class Trainer:
         if self.is_main:
             log.warning(f"non-finite loss/gradient at {where}: step skipped ({self.nan_skips}/{self.config.max_nan_skips})")
         if self.nan_skips > self.config.max_nan_skips:
+            self.step = step - 1
             self._mark("diverged")
             raise TrainingDivergedError(f"{self.nan_skips} non-finite steps (more than max_nan_skips="
                                         f"{self.config.max_nan_skips}), the last at {where}", hint=last)

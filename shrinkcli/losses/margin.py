@@ -62,8 +62,11 @@ class MarginHead(nn.Module):
             return None, labels
         scores = torch.rand(self.num_classes, device=labels.device)
         scores[labels] = 2.0  # positives outrank every random score
-        positives = int(torch.unique(labels).numel())
-        count = max(self.num_sampled, positives)
+        count = self.num_sampled
+        if count < len(labels):
+            # Counting distinct labels reads the device (a host sync); only a batch larger than the
+            # sampled set can hold more positives than num_sampled, so only then is it counted.
+            count = max(count, int(torch.unique(labels).numel()))
         chosen = torch.topk(scores, k=count).indices.sort().values
         return chosen, torch.searchsorted(chosen, labels)
 
