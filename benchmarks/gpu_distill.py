@@ -1,114 +1,168 @@
-"""Distillation throughput on one CUDA GPU: bf16 + channels_last vs fp32, and vs the teacher-forward bound.
+"""Distillation throughput through the real Trainer on one CUDA GPU, against the teacher-forward bound.
 
-    python benchmarks/gpu_distill.py [--teacher r100] [--batch 256] [--steps 20] [--repeats 5]
+    python benchmarks/gpu_distill.py                # MobileFaceNet <- r100, 112 px, bf16, batch 128
+    python benchmarks/gpu_distill.py --smoke        # tiny sizes on CPU: checks the script runs
 
-Side by side in one run (interleaved, warm-up first, median of the repeats), images/s of:
-  A  full distill step, bf16 autocast + channels_last (teacher forward under no_grad, student
-     forward/backward, stage + embedding angular losses, margin head, SGD step);
-  B  the same step in fp32, contiguous (NCHW) tensors;
-  C  teacher forward only, bf16 + channels_last: an upper bound for any distill step that runs
-     the teacher inline (a cached teacher removes this cost entirely).
-Prints a Markdown table with A/B and A/C.
+Measured in one run, one after the other (each after its own warm-up window):
+  inline   `Trainer.fit` of a DistillTask: teacher forward (prepared: BN folded, bf16 weights,
+           compiled), student forward/backward, stage + embedding angular losses, a 93k-class
+           ArcFace head sampling 10% of its centres, SGD; images from an in-memory uint8 dataset
+           through the DataLoader (so decoding does not limit it);
+  cached   the same with the teacher outputs cached first (embeddings only, so no stage losses:
+           the cache of the four stage maps of every image would not fit in memory);
+  bound    the prepared teacher's forward alone on the same batch: no inline distill step can be
+           faster than this.
+img/s is the median over the logged windows after the first (which includes warm-up and
+compilation); peak memory is torch.cuda.max_memory_allocated during that variant.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 
-def build(teacher_arch: str, input_size: int, num_classes: int, device: torch.device):
-    from shrinkcli.distill import DistillTask
+class MemoryFaces:
+    """Random uint8 faces held in memory, with the FaceDataset interface the trainer uses."""
+
+    def __init__(self, count: int, size: int, num_classes: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.images = torch.from_numpy(rng.integers(0, 256, (count, 3, size, size), dtype=np.uint8))
+        self.labels = rng.integers(0, num_classes, count).astype(np.int64)
+        self.num_classes, self.mean, self.std, self.spec = num_classes, 127.5, 127.5, f"memory:{count}"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def item_uint8(self, index: int):
+        return self.images[index], int(self.labels[index]), int(index)
+
+    def __getitem__(self, index: int):
+        return (self.images[index].float() - 127.5) / 127.5, int(self.labels[index]), int(index)
+
+
+def build_task(args, dataset, cache_dir: Path | None):
+    from shrinkcli.distill import CacheRequest, DistillTask
     from shrinkcli.losses.distill import DistillCriterion
     from shrinkcli.losses.margin import MarginHead
     from shrinkcli.models import create_model
 
     torch.manual_seed(0)
-    teacher = create_model(teacher_arch, embedding_size=512, input_size=input_size)
-    student = create_model("mobilefacenet", embedding_size=512, input_size=input_size)
-    criterion = DistillCriterion(student_channels=list(student.stage_channels), teacher_channels=list(teacher.stage_channels),
-                                 student_embedding=512, teacher_embedding=512)
-    head = MarginHead(512, num_classes, kind="arcface")
-    task = DistillTask(student=student, teacher=teacher, criterion=criterion, head=head)
-    for module in (teacher, student, criterion, head):
-        module.to(device)
-    params = [p for m in (student, criterion, head) for p in m.parameters() if p.requires_grad]
-    return task, torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    teacher = create_model(args.teacher, embedding_size=512, input_size=args.input_size, width=args.teacher_width)
+    student = create_model("mobilefacenet", embedding_size=512, input_size=args.input_size, width=args.student_width)
+    cached = cache_dir is not None
+    criterion = DistillCriterion(student_channels=list(student.stage_channels),
+                                 teacher_channels=list(teacher.stage_channels), student_embedding=512,
+                                 teacher_embedding=512, stage_loss="none" if cached else "angular")
+    head = MarginHead(512, args.classes, kind="arcface", sample_rate=args.sample_rate)
+    request = None
+    if cached:
+        request = CacheRequest(directory=cache_dir, key="bench", dataset=dataset, flips=2, with_stages=False,
+                               batch_size=args.batch, workers=0)
+    return DistillTask(student=student, teacher=teacher, criterion=criterion, head=head, cache=request,
+                       compile_teacher=args.compile)
 
 
-def make_step(task, optimizer, images, labels, *, bf16: bool, channels_last: bool, teacher_only: bool = False):
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for module in (task.teacher, task.student, task.criterion):
-        module.to(memory_format=memory_format)
-    images = images.contiguous(memory_format=memory_format)
-    device_type = images.device.type
-    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+def train(args, dataset, cache_dir: Path | None) -> dict:
+    from shrinkcli.config import TrainConfig
+    from shrinkcli.engine import Trainer
 
-    def step() -> None:
-        with autocast():
-            with torch.no_grad():
-                t = task.teacher.forward_features(images)
-            if teacher_only:
-                return
-            out = task.student.forward_features(images)
-            loss, _ = task.criterion(out.stages, out.embedding, [s.float() for s in t.stages], t.embedding.float())
-            loss = loss + task.head(out.embedding, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    task = build_task(args, dataset, cache_dir)
+    config = TrainConfig(device=args.device, amp=args.amp, batch_size=args.batch, epochs=10**6,
+                         max_steps=args.steps, log_every=args.log_every, workers=args.workers,
+                         input_size=args.input_size, lr=0.1, warmup_epochs=0.0, seed=0)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    trainer = Trainer(config, None, task, dataset)
+    trainer.fit()
+    speeds = trainer.throughput[1:] or trainer.throughput
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+    return {"img_per_s": statistics.median(speeds), "peak_gib": peak, "task": task,
+            "teacher_steps": task.teacher_steps}
 
 
-def main() -> None:
+def teacher_bound(args, task, dataset) -> dict:
+    """The prepared teacher's forward alone (what the inline run used), same batch and dtype."""
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    images = (dataset.images[:args.batch].to(args.device).float() - 127.5) / 127.5
+    images = images.contiguous(memory_format=torch.channels_last)
+    with_stages = task.criterion.needs_teacher_stages
+
+    def forward():
+        task.teacher_outputs(images, with_stages=with_stages)
+
+    for _ in range(3):
+        forward()
+    samples = []
+    for _ in range(args.repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(args.log_every):
+            forward()
+        if cuda:
+            torch.cuda.synchronize()
+        samples.append(args.log_every * args.batch / (time.perf_counter() - started))
+    return {"img_per_s": statistics.median(samples),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+
+
+def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", default="r100", help="r90 or r100 (any registered teacher works)")
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--teacher", default="r100")
+    parser.add_argument("--teacher-width", type=float, default=1.0)
+    parser.add_argument("--student-width", type=float, default=1.0)
+    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--input-size", type=int, default=112)
-    parser.add_argument("--steps", type=int, default=20, help="steps per timed sample")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda", help="cuda; cpu only checks that the script runs")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True
-    task, optimizer = build(args.teacher, args.input_size, 1000, device)
-    task.teacher.eval()
-    images = torch.randn(args.batch, 3, args.input_size, args.input_size, device=device)
-    labels = torch.randint(0, 1000, (args.batch,), device=device)
-    variants = {"bf16 + channels_last": dict(bf16=True, channels_last=True),
-                "fp32 NCHW": dict(bf16=False, channels_last=False),
-                "teacher forward only (bf16 + channels_last)": dict(bf16=True, channels_last=True, teacher_only=True)}
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for round_index in range(args.repeats + 1):          # round 0 is the warm-up
-        names = list(variants)
-        names = names[round_index % len(names):] + names[:round_index % len(names)]
-        for name in names:
-            step = make_step(task, optimizer, images, labels, **variants[name])
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if round_index:
-                samples[name].append(args.steps * args.batch / (time.perf_counter() - started))
-    rates = {name: statistics.median(values) for name, values in samples.items()}
-    fast, slow, bound = rates.values()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"## GPU distill throughput ({name}, torch {torch.__version__})\n")
-    print(f"teacher {args.teacher} -> mobilefacenet, {args.input_size} px, batch {args.batch}, "
-          f"{args.steps} steps x {args.repeats} repeats (median)\n")
-    print("| variant | img/s |\n|---|---|")
-    for variant, rate in rates.items():
-        print(f"| {variant} | {rate:.0f} |")
-    print(f"\nbf16 + channels_last vs fp32: {fast / slow:.2f}x; "
-          f"distill step vs teacher-forward bound: {fast / bound:.2f} of the bound")
+    parser.add_argument("--classes", type=int, default=93000)
+    parser.add_argument("--sample-rate", type=float, default=0.1)
+    parser.add_argument("--images", type=int, default=128 * 64, help="in-memory dataset size")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5, help="timed samples of the teacher bound")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--amp", default="bf16")
+    parser.add_argument("--compile", default="auto", help="compile_teacher: auto, on or off")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (the test suite runs this)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.teacher, args.teacher_width, args.student_width, args.batch, args.input_size = "r18", 0.125, 0.25, 8, 32
+        args.classes, args.images, args.steps, args.log_every, args.repeats = 50, 32, 6, 2, 2
+        args.workers, args.amp, args.device, args.compile = 0, "off", "cpu", "off"
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("gpu_distill.py needs a CUDA GPU (use --smoke on CPU)")
+    dataset = MemoryFaces(args.images, args.input_size, args.classes)
+    inline = train(args, dataset, None)
+    bound = teacher_bound(args, inline["task"], dataset)
+    with tempfile.TemporaryDirectory() as tmp:
+        cached = train(args, dataset, Path(tmp) / "cache")
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    rows = [{"variant": "inline distill (Trainer)", **inline}, {"variant": "cached distill (Trainer)", **cached},
+            {"variant": "teacher forward only (bound)", **bound}]
+    print(f"## Distill throughput ({name}, torch {torch.__version__})\n")
+    print(f"mobilefacenet <- {args.teacher}, {args.input_size} px, {args.amp}, batch {args.batch}, "
+          f"{args.classes}-class arcface head sampling {args.sample_rate:g}, {args.steps} steps, "
+          f"compile_teacher={args.compile}\n")
+    print("| variant | img/s | vs inline | vs bound | peak GPU memory |\n|---|---|---|---|---|")
+    for row in rows:
+        memory = f"{row['peak_gib']:.1f} GiB" if row["peak_gib"] is not None else "n/a"
+        print(f"| {row['variant']} | {row['img_per_s']:.0f} | {row['img_per_s'] / inline['img_per_s']:.2f} "
+              f"| {row['img_per_s'] / bound['img_per_s']:.2f} | {memory} |")
+    return [{k: v for k, v in row.items() if k != "task"} for row in rows]
 
 
 if __name__ == "__main__":

@@ -127,3 +127,19 @@ def test_cuda_trainer_defers_checks_sets_fast_kernels_and_skips_a_nan_step_exact
     fast, _ = images_seen(dataset, device="cuda")
     slow, _ = images_seen(FloatOnly(dataset), device="cuda")
     assert torch.equal(fast.cpu(), slow.cpu())
+
+
+def test_gpu_benchmark_smoke_mode_runs_on_cpu_through_the_trainer(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_distill.py"
+    spec = importlib.util.spec_from_file_location("gpu_distill", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--smoke"])
+    assert [r["variant"] for r in rows] == ["inline distill (Trainer)", "cached distill (Trainer)",
+                                            "teacher forward only (bound)"]
+    assert rows[0]["teacher_steps"] == 6 and rows[1]["teacher_steps"] == 0     # cached: no teacher per step
+    assert all(r["img_per_s"] > 0 for r in rows)
+    assert "| inline distill (Trainer) |" in capsys.readouterr().out
