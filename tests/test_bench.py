@@ -70,7 +70,7 @@ def test_gpu_distill_script_runs_end_to_end_on_cpu():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_distill.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_precision.py"
     result = subprocess.run([sys.executable, str(script), "--device", "cpu", "--teacher", "r18", "--batch", "2",
                              "--input-size", "32", "--steps", "1", "--repeats", "1"],
                             capture_output=True, text=True, timeout=300)
