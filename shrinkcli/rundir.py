@@ -252,12 +252,14 @@ def newest_run(root: str | os.PathLike, stage: str, *, completed: bool = True) -
 
 @dataclass
 class RunOptions:
-    """Where a stage writes: `project/<stage>/<name>` or exactly `run_dir`."""
+    """Where a stage writes: `project/<stage>/<name>` or exactly `run_dir`; with `resume`, the
+    training run (run dir or weights/last.pt) it continues instead of starting a new one."""
 
     project: str = "runs"
     name: str | None = None
     run_dir: str | None = None
     exist_ok: bool = False
+    resume: str | None = None
 
     def create(self, stage: str, config: dict[str, Any] | None = None) -> RunDir:
         return RunDir.create(stage, root=self.project, name=self.name, run_dir=self.run_dir,

@@ -39,8 +39,8 @@ def tiny_config(teacher_file, **changes):
     return DistillConfig.from_dict(base)
 
 
-def run_stage(tmp_path, config, name, **kwargs):
-    return stage.run(config, RunOptions(project=str(tmp_path / "runs"), name=name), **kwargs)
+def run_stage(tmp_path, config, name, resume=None):
+    return stage.run(config, RunOptions(project=str(tmp_path / "runs"), name=name, resume=resume))
 
 
 def student_weights(run_dir):

@@ -47,7 +47,7 @@ def test_resume_continues_in_the_same_run_dir_with_the_saved_config(tmp_path):
     teacher.run(tiny_config(max_steps=3), RunOptions(run_dir=str(run_dir)))
     assert load_checkpoint(run_dir / "weights" / "last.pt")["step"] == 3
     # like `shrink teacher --resume DIR`: the CLI's defaults must not replace the saved settings
-    result = teacher.run(TeacherConfig(workers=0, device="cpu"), RunOptions(), resume=str(run_dir))
+    result = teacher.run(TeacherConfig(workers=0, device="cpu"), RunOptions(resume=str(run_dir)))
     assert result["run_dir"] == str(run_dir) and result["summary"]["steps"] == 4
     manifest = load_manifest(run_dir)
     assert manifest["status"] == "completed" and manifest["config"]["arch"] == "r18"
@@ -79,7 +79,7 @@ def test_import_refuses_constant_outputs_and_conflicting_options(tmp_path):
     with pytest.raises(GateFailedError, match="same embedding"):
         teacher.run(TeacherConfig(load=str(pth)), RunOptions(run_dir=str(tmp_path / "z")))
     with pytest.raises(BadInputError, match="exclude each other"):
-        teacher.run(TeacherConfig(load=str(pth)), RunOptions(), resume=str(tmp_path))
+        teacher.run(TeacherConfig(load=str(pth)), RunOptions(resume=str(tmp_path)))
     with pytest.raises(BadInputError, match="no training data"):
         teacher.run(TeacherConfig(), RunOptions(run_dir=str(tmp_path / "none")))
 

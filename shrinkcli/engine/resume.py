@@ -2,9 +2,9 @@
 
 A resumed run continues in the run dir that holds the checkpoint (its manifest is reopened and
 updated, never replaced), so a run dir always describes one training run from epoch 0 to the end.
-The configuration is the checkpoint's, except for keys the caller set to a non-default value (e.g.
-`--epochs 20` to train longer) and keys that only concern this invocation (device, workers,
-max_steps, log_every).
+The configuration is the checkpoint's, except for keys the caller set (by option, `--set` or
+recipe, e.g. `--epochs 20` to train longer, whatever the default is) and keys that only concern
+this invocation (device, workers, max_steps, log_every).
 """
 
 from __future__ import annotations
@@ -36,15 +36,17 @@ def owning_run_dir(checkpoint: Path) -> Path | None:
 
 
 def merge_config(saved: dict[str, Any], given):
-    """The checkpoint's config, overridden by the given config's non-default values."""
+    """The checkpoint's config, overridden by every field the caller set (and the per-invocation keys)."""
     cls = type(given)
-    defaults = cls()
-    merged = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)}}
-    for field in dataclasses.fields(cls):
-        value = getattr(given, field.name)
-        if field.name in PER_INVOCATION or value != getattr(defaults, field.name):
-            merged[field.name] = value
-    return cls.from_dict(merged, "resumed config")
+    names = {f.name for f in dataclasses.fields(cls)}
+    merged = {k: v for k, v in saved.items() if k in names}
+    sources = {k: "resume" for k in merged}
+    for name in names:
+        if name in PER_INVOCATION or given.is_set(name):
+            merged[name] = getattr(given, name)
+            if given.is_set(name):
+                sources[name] = given.source(name)
+    return cls.from_dict(merged, "resumed config", sources=sources)
 
 
 def resume_run(resume: str | Path, stage: str, given_config, run_options, *, is_main: bool = True):

@@ -24,21 +24,24 @@ PREPROCESS_KEYS = ("input_size", "crop", "mean", "std")
 def resolve_preprocess(config: DistillConfig, teacher_preprocess: dict[str, Any],
                        teacher_input_size: int) -> DistillConfig:
     """The student sees what the teacher was trained on: each of input_size/crop/mean/std comes from
-    the teacher's metadata unless the config sets it to something other than its default."""
+    the teacher's metadata unless the user set it (recipe, option or --set). An input size that was
+    set and differs from the teacher's is refused: the two networks must see the same images."""
+    if config.is_set("input_size") and config.input_size != teacher_input_size:
+        raise BadInputError(f"input_size={config.input_size} (from {config.source('input_size')}) differs from the "
+                            f"teacher's {teacher_input_size}",
+                            hint="teacher and student see the same images; drop --input-size or use a teacher "
+                                 f"trained at {config.input_size}")
     defaults = TrainConfig()
     changes = {}
     for key in PREPROCESS_KEYS:
-        mine = getattr(config, key)
+        if config.is_set(key):
+            continue
         theirs = teacher_input_size if key == "input_size" else teacher_preprocess.get(key, getattr(defaults, key))
-        if mine == getattr(defaults, key) and mine != theirs:
+        if getattr(config, key) != theirs:
             changes[key] = theirs
-    if config.input_size != getattr(defaults, "input_size") and config.input_size != teacher_input_size:
-        raise BadInputError(f"input_size={config.input_size} differs from the teacher's {teacher_input_size}",
-                            hint="teacher and student see the same images; drop --input-size or use a teacher "
-                                 f"trained at {config.input_size}")
     if changes:
         log.info("preprocessing from the teacher: " + ", ".join(f"{k}={v}" for k, v in changes.items()))
-    return config.replace("teacher preprocessing", **changes) if changes else config
+    return config.replace("teacher preprocessing", source="teacher", **changes) if changes else config
 
 
 def load_teacher(spec: str | None, config: DistillConfig | None = None):
@@ -163,7 +166,7 @@ def _open_run_dir(config: DistillConfig, given: DistillConfig, options: RunOptio
     return run_dir
 
 
-def run(config: DistillConfig, run: RunOptions, *, resume: str | None = None) -> dict[str, Any]:
+def run(config: DistillConfig, run: RunOptions) -> dict[str, Any]:
     import torch
 
     from shrinkcli.distill.report import teacher_student_table
@@ -173,6 +176,7 @@ def run(config: DistillConfig, run: RunOptions, *, resume: str | None = None) ->
     from shrinkcli.models.io import save_model_safetensors
 
     is_main = env_dist_info().is_main
+    resume = run.resume
     resumed, checkpoint = None, None
     if resume is not None:
         resumed, checkpoint, config = resume_run(resume, "distill", config, run, is_main=is_main)

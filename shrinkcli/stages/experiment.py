@@ -30,6 +30,8 @@ from shrinkcli import log
 from shrinkcli.atomic import atomic_write_json, atomic_write_text
 from shrinkcli.errors import BadInputError
 from shrinkcli.rundir import RunDir, RunOptions, load_manifest
+from shrinkcli.stages.registry import STAGES
+from shrinkcli.stages.staleness import prepare_stage
 
 
 def _plan(recipe: dict[str, Any]) -> tuple[list[int], str, str, dict[str, dict[str, Any]]]:
@@ -49,15 +51,12 @@ def _plan(recipe: dict[str, Any]) -> tuple[list[int], str, str, dict[str, dict[s
 
 
 def _train(stage: str, config: Any, run_dir: Path, options: RunOptions) -> tuple[str, float]:
-    from shrinkcli.stages import pipeline
-
-    state, resume = pipeline.prepare_stage(run_dir, config)
+    state, resume = prepare_stage(run_dir, config)
     if state == "done":
         return "skipped (up to date)", float(load_manifest(run_dir).get("results", {}).get("wall_s") or 0.0)
     log.info(f"[{run_dir.name}] {'resuming' if resume else 'running'}")
     started = time.perf_counter()
-    module = __import__(f"shrinkcli.stages.{stage}", fromlist=["run"])
-    module.run(config, RunOptions(project=options.project, run_dir=str(run_dir), exist_ok=True), resume=resume)
+    STAGES[stage](config, RunOptions(project=options.project, run_dir=str(run_dir), exist_ok=True, resume=resume))
     return ("resumed" if resume else "ran"), round(time.perf_counter() - started, 1)
 
 

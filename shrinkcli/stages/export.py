@@ -155,12 +155,11 @@ def _write_safetensors(model, meta, source: Artifact, out: RunDir) -> tuple[Path
     return path, "bit-exact"
 
 
-def run(config: ExportConfig, options: RunOptions, *, run: str | None = None,
-        weights: str | None = None) -> dict[str, Any]:
+def run(config: ExportConfig, options: RunOptions) -> dict[str, Any]:
     from shrinkcli.models.io import load_model
 
     _validate(config)
-    source = resolve_source(options, run, weights)
+    source = resolve_source(options, config.run, config.weights)
     model, meta = load_model(source.path)
     model = model.float().eval()
     spec = graph_spec(model, meta, config)

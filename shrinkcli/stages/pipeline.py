@@ -10,18 +10,19 @@ its exit code.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from shrinkcli import log
-from shrinkcli.atomic import sha256_file
 from shrinkcli.config import load_recipe, stage_config_from_recipe
 from shrinkcli.errors import BadInputError
 from shrinkcli.rundir import MANIFEST, RunDir, RunOptions, load_manifest
+from shrinkcli.stages import experiment
+from shrinkcli.stages.registry import STAGES
+from shrinkcli.stages.staleness import prepare_stage, stage_state  # noqa: F401  (stage_state: public API)
 
-STAGES = ("teacher", "distill", "export", "verify")
+PIPELINE_STAGES = ("teacher", "distill", "export", "verify")
 BUILTIN_RECIPE = "quickstart.toml"
 
 
@@ -40,9 +41,9 @@ def apply_recipe_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict
     for item in overrides:
         key, sep, value = item.partition("=")
         table, dot, field = key.strip().partition(".")
-        if not sep or not dot or table not in (*STAGES, "common", "pipeline", "experiment"):
+        if not sep or not dot or table not in (*PIPELINE_STAGES, "common", "pipeline", "experiment"):
             raise BadInputError(f"pipeline override {item!r} must look like STAGE.KEY=VALUE",
-                                hint=f"STAGE is one of {', '.join((*STAGES, 'common'))}")
+                                hint=f"STAGE is one of {', '.join((*PIPELINE_STAGES, 'common'))}")
         recipe.setdefault(table, {})[field.replace("-", "_")] = _parse_value(value.strip())
     return recipe
 
@@ -56,73 +57,17 @@ def _parse_value(text: str) -> Any:
         return text  # bare strings need no quotes on the command line
 
 
-def _normalised(config: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(config, default=str))
-
-
-def _same_config(saved: dict[str, Any], config: Any) -> bool:
-    """Equal configs, where a key the saved run does not know (an option added in a later version)
-    counts as equal when it is at its default: upgrading shrink must not re-run finished studies."""
-    current = _normalised(config.to_dict() if hasattr(config, "to_dict") else config)
-    saved = _normalised(saved)
-    if hasattr(config, "to_dict"):
-        defaults = _normalised(type(config)().to_dict())
-        for key in set(current) - set(saved):
-            if key in defaults and current[key] == defaults[key]:
-                del current[key]
-    return saved == current
-
-
-def stage_state(run_dir: Path, config: Any) -> str:
-    """'fresh' (nothing there), 'done' (up to date), 'resumable' or 'stale'."""
-    if not (run_dir / MANIFEST).is_file():
-        return "fresh"
-    try:
-        manifest = load_manifest(run_dir)
-    except BadInputError:
-        return "stale"
-    if not _same_config(manifest.get("config", {}), config):
-        return "stale"
-    if manifest.get("status") != "completed":
-        return "resumable" if (run_dir / "weights" / "last.pt").is_file() else "stale"
-    for record in manifest.get("inputs", []) + manifest.get("outputs", []):
-        if not record.get("sha256") or not record.get("path"):
-            continue  # a data spec such as synthetic:64 is no file; the config already pins it
-        path = Path(record["path"])
-        path = path if path.is_absolute() else run_dir / path
-        if not path.is_file() or sha256_file(path) != record["sha256"]:
-            return "stale"
-    return "done"
-
-
-def prepare_stage(run_dir: Path, config: Any, *, force: bool = False) -> tuple[str, str | None]:
-    """(state, resume source): an up-to-date stage is 'done'; a stale one is removed so its
-    outputs are replaced, not mixed; a resumable one resumes from its own run dir."""
-    state = "stale" if force and (run_dir / MANIFEST).exists() else stage_state(run_dir, config)
-    if state == "stale":
-        shutil.rmtree(run_dir)
-    return state, (str(run_dir) if state == "resumable" else None)
-
-
 def _stage_configs(recipe: dict[str, Any], parent: Path) -> dict[str, Any]:
-    configs = {stage: stage_config_from_recipe(recipe, stage, f"recipe[{stage}]") for stage in STAGES}
+    configs = {stage: stage_config_from_recipe(recipe, stage, f"recipe[{stage}]") for stage in PIPELINE_STAGES}
     teacher_dir, distill_dir, export_dir = (str(parent / s) for s in ("teacher", "distill", "export"))
-    configs["distill"] = configs["distill"].replace("pipeline", teacher=teacher_dir)
+    configs["distill"] = configs["distill"].replace("pipeline", source="pipeline", teacher=teacher_dir)
+    configs["export"] = configs["export"].replace("pipeline", source="pipeline", run=distill_dir)
     verify = configs["verify"]
-    configs["verify"] = verify.replace("pipeline", model=export_dir, reference=distill_dir,
+    configs["verify"] = verify.replace("pipeline", source="pipeline", model=export_dir, reference=distill_dir,
                                        teacher=verify.teacher or teacher_dir)
     return configs
 
 
-def _call(stage: str, config: Any, options: RunOptions, resume: str | None, parent: Path) -> dict[str, Any]:
-    import importlib
-
-    module = importlib.import_module(f"shrinkcli.stages.{stage}")
-    if stage in ("teacher", "distill"):
-        return module.run(config, options, resume=resume)
-    if stage == "export":
-        return module.run(config, options, run=str(parent / "distill"))
-    return module.run(config, options)
 
 
 def run(recipe_path: str | Path | None, overrides: list[str], options: RunOptions, *,
@@ -132,8 +77,6 @@ def run(recipe_path: str | Path | None, overrides: list[str], options: RunOption
     name = options.name or recipe.get("pipeline", {}).get("name") or recipe_path.stem
     parent = Path(options.run_dir) if options.run_dir else Path(options.project) / "pipeline" / name
     if "experiment" in recipe:
-        from shrinkcli.stages import experiment
-
         return experiment.run(recipe, parent, options)
     configs = _stage_configs(recipe, parent)
     # Under torchrun every rank trains; only rank 0 touches files and runs export/verify. Rank 0
@@ -151,7 +94,7 @@ def run(recipe_path: str | Path | None, overrides: list[str], options: RunOption
         parent_run.add_input(recipe_path, "recipe")
     rows, results = [], {}
     try:
-        for stage in STAGES:
+        for stage in PIPELINE_STAGES:
             run_dir = parent / stage
             config = configs[stage]
             if stage in ("export", "verify"):
@@ -173,8 +116,8 @@ def run(recipe_path: str | Path | None, overrides: list[str], options: RunOption
                 rows.append({"stage": stage, "action": "skipped (up to date)", "seconds": 0.0, "run_dir": str(run_dir)})
                 continue
             log.info(f"[{stage}] {'resuming' if resume else 'running'} -> {run_dir}")
-            stage_options = RunOptions(project=options.project, run_dir=str(run_dir), exist_ok=True)
-            result = _call(stage, config, stage_options, resume, parent)
+            stage_options = RunOptions(project=options.project, run_dir=str(run_dir), exist_ok=True, resume=resume)
+            result = STAGES[stage](config, stage_options)
             if stage in ("teacher", "distill"):
                 ddp.barrier()
             results[stage] = result.get("summary", {})
@@ -186,9 +129,9 @@ def run(recipe_path: str | Path | None, overrides: list[str], options: RunOption
             parent_run.finish("failed")
         raise
     if parent_run is not None:
-        for stage in STAGES:
+        for stage in PIPELINE_STAGES:
             parent_run.add_input(parent / stage / MANIFEST, f"{stage}-manifest")
-        parent_run.set_results(stages=rows, **{f"{s}_summary": results.get(s, {}) for s in STAGES})
+        parent_run.set_results(stages=rows, **{f"{s}_summary": results.get(s, {}) for s in PIPELINE_STAGES})
         parent_run.finish()
     verify_summary = results.get("verify", {})
     return {"run_dir": str(parent), "tables": {"pipeline": rows},

@@ -46,18 +46,14 @@ class MarginTask:
         return self.backbone
 
 
-def run(config: TeacherConfig, run: RunOptions, *, resume: str | None = None) -> dict[str, Any]:
+def run(config: TeacherConfig, run: RunOptions) -> dict[str, Any]:
+    resume = run.resume
     if config.load:
         if resume is not None:
             raise BadInputError("--load and --resume exclude each other",
                                 hint="--load imports weights; --resume continues a training run")
         return import_teacher(config, run)
     return train_teacher(config, run, resume=resume)
-
-
-def _arch_was_chosen(config: TeacherConfig) -> bool:
-    # The config cannot tell an explicit --arch r90 from the default; inference finds r90 anyway.
-    return config.arch != TeacherConfig().arch
 
 
 def _record_data(run_dir: RunDir, spec: str, dataset) -> None:
@@ -183,7 +179,7 @@ def import_teacher(config: TeacherConfig, run: RunOptions) -> dict[str, Any]:
         from shrinkcli.stages.teacher_onnx import import_onnx_teacher
 
         return import_onnx_teacher(config, run)
-    model, meta = load_model(source, arch=config.arch if _arch_was_chosen(config) else None)
+    model, meta = load_model(source, arch=config.arch if config.is_set("arch") else None)
     preprocess = dict(meta["preprocess"])
     images, described = _check_images(config, int(model.input_size), preprocess)
     check = check_embeddings(model, images)
