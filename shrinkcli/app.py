@@ -7,7 +7,6 @@ point is `shrinkcli.cli`.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import typer.core
 
 from shrinkcli import __version__
 from shrinkcli import log
+from shrinkcli.atomic import strict_json
 from shrinkcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, ShrinkError
 
 GLOBAL_FLAGS = ("--json", "--quiet", "-q", "--verbose", "-v")
@@ -79,7 +79,7 @@ def main_options(
 
 def _print_result(result: dict[str, Any]) -> None:
     if _global["json"]:
-        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        sys.stdout.write(strict_json(result) + "\n")
         return
     if _global["quiet"]:
         return
@@ -115,7 +115,7 @@ def _run(fn: Callable[[], dict[str, Any]]) -> None:
         result = fn()
     except ShrinkError as exc:
         if getattr(exc, "result", None) and _global["json"]:
-            sys.stdout.write(json.dumps(exc.result, indent=2, default=str) + "\n")
+            sys.stdout.write(strict_json(exc.result) + "\n")
         typer.echo(f"shrink: error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:

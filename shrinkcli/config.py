@@ -33,10 +33,11 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
             if type(None) in args:
                 return None
+        choices = [a for a in args if a is not type(None)]
+        if len(choices) == 1:               # Optional[X]: X's own message says what is wrong
+            return coerce(value, choices[0], where)
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in choices:
             try:
                 return coerce(value, arg, where)
             except BadInputError as exc:
@@ -73,14 +74,20 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         raise BadInputError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise BadInputError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise BadInputError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            # no setting of shrink means anything at nan or inf; refusing here keeps them out of every stage
+            raise BadInputError(f"{where}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, Path)):
             return str(value)
