@@ -101,11 +101,14 @@ class ProgressView:
         self.start_step = done_steps
         self.bar = None
         if enabled and log.show_progress():
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
+                                TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False,
+                                console=Console(stderr=True))
             self.bar.start()
+            log.set_live_console(self.bar.console)
             self.task = self.bar.add_task("train", total=total_steps, completed=done_steps, info="")
         self.enabled = enabled
 
@@ -124,6 +127,7 @@ class ProgressView:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            log.set_live_console(None)
 
 
 def _short(value: Any) -> str:
