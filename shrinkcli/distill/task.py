@@ -99,7 +99,9 @@ class DistillTask:
     def distribute(self, wrap) -> None:
         self.student_step = wrap(self.student_step)
         # A head with fixed teacher centres and no adapter has nothing to all-reduce (and DDP refuses it).
-        if self.head is not None and any(p.requires_grad for p in self.head.parameters()):
+        # A sharded head (learned centres under torchrun) is model-parallel: it stays out of DDP.
+        if (self.head is not None and not getattr(self.head, "sharded", False)
+                and any(p.requires_grad for p in self.head.parameters())):
             self.head_step = wrap(self.head)
 
     def frozen_modules(self) -> dict[str, nn.Module]:

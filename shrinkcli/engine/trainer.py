@@ -15,6 +15,7 @@ import torch
 from shrinkcli import log
 from shrinkcli.engine import checkpoint as ckpt
 from shrinkcli.engine import distributed as ddp
+from shrinkcli.engine import shards
 from shrinkcli.engine.batches import build_loader, device_batch, seed_everything
 from shrinkcli.engine.health import DeferredChecks, masked_step, optimizer_tensors, snapshot
 from shrinkcli.engine.metrics import MetricsFiles, ProgressView
@@ -118,6 +119,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def _restore(self, state: dict[str, Any]) -> None:
+        state = shards.localise(self, state)   # a sharded head's optimizer state: this rank's rows
         saved = ckpt.module_states(state)
         missing = sorted(set(self.modules) - set(saved))
         if missing:
@@ -148,12 +150,13 @@ class Trainer:
         """Write weights/last.pt (and best.pt); refuse to replace a good checkpoint with non-finite weights."""
         self._flush_checks()
         ddp.average_buffers(self.modules.values())
-        if not ckpt.all_finite(self.modules):
+        if not shards.all_ranks(ckpt.all_finite(self.modules), self.modules, self.device):
             raise TrainingDivergedError(f"weights became non-finite at step {self.step}; no checkpoint written",
                                         hint=f"last good checkpoint: {self.last_good or 'none'}")
+        gathered = shards.gather_for_checkpoint(self)   # sharded heads: every rank sends its rows
         if self.weights_dir is None:
             return None
-        state = ckpt.build_state(self)
+        state = shards.write_into(ckpt.build_state(self), gathered)
         last = ckpt.save_checkpoint(state, self.weights_dir / "last.pt")
         self.run.add_output(last, "checkpoint")
         self.last_good = last
@@ -175,7 +178,8 @@ class Trainer:
                 log.info(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
         else:
             seed_everything(self.config.seed + self.dist.rank)
-        ddp.broadcast_modules(list(self.modules.values()))
+        # A sharded head's ranks hold different rows by design: only replicated modules start from rank 0's.
+        ddp.broadcast_modules([m for m in self.modules.values() if not shards.sharded_modules({"m": m})])
         self._distribute()
         self.checks = DeferredChecks(self.config.nan_policy, self.config.max_nan_skips, self.nan_skips, self.device)
         if self.run is not None and self.is_main:

@@ -189,7 +189,9 @@ def build_margin_head(config: Any, *, student_embedding: int, teacher_embedding:
     options = dict(kind=config.head, margin=config.margin, scale=config.scale, sample_rate=config.sample_rate)
     source = getattr(config, "head_centres", "learned")
     if source == "learned":
-        return MarginHead(student_embedding, dataset.num_classes, **options)
+        from shrinkcli.losses.partial_fc import margin_head
+
+        return margin_head(student_embedding, dataset.num_classes, **options)  # sharded under torchrun
     head = TeacherCentreHead(student_embedding, teacher_embedding, dataset.num_classes, **options)
     if student_embedding != teacher_embedding:
         log.info(f"teacher centres: a linear adapter maps the {student_embedding}-d student embedding into the "

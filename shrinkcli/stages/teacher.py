@@ -35,8 +35,11 @@ class MarginTask:
         return {"backbone": self.backbone, "head": self.head}
 
     def distribute(self, wrap):
+        from shrinkcli.losses.partial_fc import is_sharded
+
         self.backbone_step = wrap(self.backbone)
-        self.head_step = wrap(self.head)
+        # A sharded head (every run under torchrun) is model-parallel: it must not be all-reduced.
+        self.head_step = self.head if is_sharded(self.head) else wrap(self.head)
 
     def loss(self, images, labels, indices, flipped):
         loss = self.head_step(self.backbone_step(images), labels)
@@ -79,7 +82,7 @@ def train_teacher(config: TeacherConfig, run: RunOptions, *, resume: str | None 
     from shrinkcli.data import load_pairs, open_dataset
     from shrinkcli.engine import Trainer, resume_run
     from shrinkcli.engine.distributed import env_dist_info, init_distributed
-    from shrinkcli.losses.margin import MarginHead
+    from shrinkcli.losses.partial_fc import margin_head
     from shrinkcli.models import create_model
     from shrinkcli.models.io import save_model_safetensors
 
@@ -104,8 +107,8 @@ def train_teacher(config: TeacherConfig, run: RunOptions, *, resume: str | None 
     _set_seed(config.seed)
     backbone = create_model(config.arch, embedding_size=config.embedding_size, input_size=config.input_size,
                             width=config.width)
-    head = MarginHead(backbone.embedding_size, num_classes, kind=config.head, margin=config.margin,
-                      scale=config.scale, sample_rate=config.sample_rate)
+    head = margin_head(backbone.embedding_size, num_classes, kind=config.head, margin=config.margin,
+                       scale=config.scale, sample_rate=config.sample_rate)
     if resume is None and is_main:
         run_dir = run.create("teacher", config.to_dict())
     if run_dir is not None:
