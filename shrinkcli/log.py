@@ -58,6 +58,3 @@ def show_progress() -> bool:
     """Progress bars only for a person at a terminal, never in logs or CI."""
     return not _state["quiet"] and sys.stderr.isatty()
 
-
-def is_quiet() -> bool:
-    return _state["quiet"]

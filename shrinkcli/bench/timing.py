@@ -35,13 +35,6 @@ def interleaved_rates(workloads: dict[str, Workload], *, repeats: int = 5, warmu
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def time_once(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """(result, seconds) of one call."""
-    started = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - started
-
-
 def ratio_row(suite: str, measure: str, *, a: str, a_value: float, b: str, b_value: float, unit: str,
               ratio: float, target: float | None, higher_is_better: bool = True, settings: str = "") -> dict[str, Any]:
     """One result row: A and B side by side, their ratio and whether it meets the target."""

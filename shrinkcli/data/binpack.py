@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from shrinkcli.data.pairset import PairSet, decode_many
+from shrinkcli.data.transforms import decode_image
 from shrinkcli.errors import BadInputError
 
 _ALLOWED_GLOBALS = {
@@ -77,9 +79,6 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], list[bool]]:
 
 
 def load_bin(path: str | os.PathLike, *, input_size: int = 112, crop: int | None = None, nfolds: int = 10):
-    from shrinkcli.data.pairs import PairSet, decode_many
-    from shrinkcli.data.transforms import decode_image
-
     images, issame = read_bin(path)
     loaders = [lambda b=blob, i=i: decode_image(b, input_size=input_size, crop=crop, where=f"{path} image {i}")
                for i, blob in enumerate(images)]

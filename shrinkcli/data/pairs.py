@@ -9,51 +9,16 @@ dataset), or a `pairs.txt` path with `data_root` (the image root).
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
+from shrinkcli.data.binpack import load_bin
+from shrinkcli.data.pairset import PairSet, decode_many
 from shrinkcli.data.splits import (LFW_HALF_TEST_FOLDS, lfw_image_dir, lfw_image_name, lfw_pairs_file,
                                    parse_pairs_file)
 from shrinkcli.data.transforms import decode_image
 from shrinkcli.errors import BadInputError
-
-
-@dataclass
-class PairSet:
-    images: "object"            # torch.uint8 [M, 3, H, W], RGB, already cropped and resized
-    left: np.ndarray            # int64 [P] indices into images
-    right: np.ndarray           # int64 [P]
-    issame: np.ndarray          # bool [P]
-    folds: np.ndarray | None = None  # int64 [P] fold of each pair, or None (sequential k-fold)
-    names: list[str] | None = None   # per image, where known
-    source: str = ""
-    extra: dict = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.issame)
-
-    def __post_init__(self):
-        self.left = np.asarray(self.left, dtype=np.int64)
-        self.right = np.asarray(self.right, dtype=np.int64)
-        self.issame = np.asarray(self.issame, dtype=bool)
-        if self.folds is not None:
-            self.folds = np.asarray(self.folds, dtype=np.int64)
-
-
-def decode_many(loaders: Sequence[Callable[[], np.ndarray]], workers: int | None = None):
-    """Run uint8 image loaders in a thread pool (PIL releases the GIL while decoding) -> torch uint8."""
-    import torch
-
-    if not loaders:
-        raise BadInputError("no images to load for the pairs")
-    workers = workers or min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        arrays = list(pool.map(lambda load: load(), loaders))
-    return torch.from_numpy(np.stack(arrays))
 
 
 def pairs_from_file(pairs_path: str | os.PathLike, image_root: str | os.PathLike, *, folds=None,
@@ -176,8 +141,6 @@ def load_pairs(spec: str, *, data_root: str | os.PathLike | None = None, input_s
                                crop=crop, source=spec)
     path = Path(spec)
     if spec.endswith(".bin") or (path.is_file() and path.suffix == ".bin"):
-        from shrinkcli.data.binpack import load_bin
-
         return load_bin(path, input_size=input_size, crop=crop)
     if path.is_file() and path.suffix == ".txt":
         root_text = str(data_root) if data_root is not None else ""

@@ -128,16 +128,6 @@ def split_by_fraction(names: Sequence[str], fraction: float, seed: int = 0) -> t
     return chosen, rest
 
 
-def read_identity_list(path: str | os.PathLike) -> list[str]:
-    """One identity (folder name) per line; blank lines and `#` comments ignored."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BadInputError(f"cannot read identity list {path}: {exc.strerror}") from exc
-    names = [line.split("#", 1)[0].strip() for line in text.splitlines()]
-    return [name for name in names if name]
-
-
 def lfw_half_train_identities(root: str | os.PathLike) -> list[str]:
     return identities_of_folds(parse_pairs_file(lfw_pairs_file(root)), LFW_HALF_TRAIN_FOLDS)
 

@@ -31,9 +31,6 @@ from shrinkcli import log
 from shrinkcli.errors import BadInputError
 from shrinkcli.losses.margin import MarginHead
 
-CENTRE_SOURCES = ("learned", "teacher", "teacher-classifier", "teacher-mean")
-
-
 class TeacherCentreHead(MarginHead):
     """A MarginHead whose centres are a frozen buffer in the teacher's space, plus an adapter."""
 

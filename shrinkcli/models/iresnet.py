@@ -22,7 +22,7 @@ from torch import nn
 
 from shrinkcli.models.layers import check_input_size, check_width, scaled
 from shrinkcli.models.prelu import PReLU
-from shrinkcli.models.registry import FaceOutput, register_model
+from shrinkcli.models.base import FaceOutput, register_model
 
 IRESNET_LAYOUTS: dict[str, list[int]] = {
     "r18": [2, 2, 2, 2],

@@ -12,7 +12,7 @@ from torch import nn
 
 from shrinkcli.errors import BadInputError
 from shrinkcli.models.prelu import PReLU
-from shrinkcli.models.registry import FaceOutput
+from shrinkcli.models.base import FaceOutput
 
 
 def scaled(channels: int, width: float) -> int:

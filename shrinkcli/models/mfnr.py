@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from shrinkcli.models.layers import StagedFaceNet
 from shrinkcli.models.mobilefacenet import _build
-from shrinkcli.models.registry import register_model
+from shrinkcli.models.base import register_model
 
 
 @register_model("mfnr", "student")

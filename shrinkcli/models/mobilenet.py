@@ -17,7 +17,7 @@ from torch import nn
 
 from shrinkcli.models.layers import (ConvBlock, StagedFaceNet, bottleneck_group, check_input_size,
                                      check_width, scaled)
-from shrinkcli.models.registry import register_model
+from shrinkcli.models.base import register_model
 
 
 def _separable(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:

@@ -16,7 +16,7 @@ from torch import nn
 
 from shrinkcli.errors import BadInputError
 from shrinkcli.models.onnx_graph import InputContract, OnnxFile, make_session, run_embeddings
-from shrinkcli.models.registry import FaceOutput
+from shrinkcli.models.base import FaceOutput
 
 ARCH = "onnx"
 

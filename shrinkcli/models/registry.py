@@ -10,46 +10,22 @@ Every model is an `nn.Module` with:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
-import torch
 from torch import nn
 
 from shrinkcli.errors import BadInputError
+from shrinkcli.models import iresnet, mfnr, mobilefacenet, mobilenet  # noqa: F401  (their @register_model fill the table)
+from shrinkcli.models.base import _REGISTRY, FaceOutput, register_model
 
-
-class FaceOutput(NamedTuple):
-    stages: list[torch.Tensor]
-    embedding: torch.Tensor
-
-
-_REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {}
-
-
-def register_model(name: str, family: str) -> Callable:
-    """Decorator: `@register_model("r50", "teacher")` on a factory `fn(**kwargs) -> nn.Module`."""
-
-    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = (fn, family)
-        return fn
-
-    return wrap
-
-
-def _ensure_loaded() -> None:
-    # Importing the family modules runs their @register_model decorators.
-    from shrinkcli.models import iresnet, mobilefacenet, mobilenet, mfnr  # noqa: F401
+__all__ = ["FaceOutput", "create_model", "list_models", "model_family", "register_model"]
 
 
 def list_models(family: str | None = None) -> list[str]:
-    _ensure_loaded()
     return sorted(n for n, (_, fam) in _REGISTRY.items() if family is None or fam == family)
 
 
 def model_family(name: str) -> str:
-    _ensure_loaded()
     if name not in _REGISTRY:
         raise BadInputError(f"unknown architecture {name!r}", hint=f"choose one of: {', '.join(list_models())}")
     return _REGISTRY[name][1]
