@@ -8,9 +8,9 @@ CosFace (Wang et al. 2018): the target logit is s*(cos(theta) - m) (default m=0.
 PartialFC (An et al. 2021): with `sample_rate < 1` each step scores the batch only against the
 class centres of its own labels plus random negative centres, up to `sample_rate * num_classes`;
 million-class heads then cost a fraction of the memory and compute per step.
-Under distributed training the centre matrix is replicated on every rank (gradients are averaged
-like every other parameter) and each rank samples its negatives locally: this is exact for the
-positives and an unbiased random subset for the negatives, but does not shard memory across ranks.
+This is the single-process head; under torchrun the learned centres are sharded over the ranks
+instead (shrinkcli.losses.partial_fc.ShardedMarginHead, chosen by `margin_head`), with the same
+hyper-parameters and the same checkpoint key.
 """
 
 from __future__ import annotations
