@@ -6,6 +6,10 @@ the vectors show) against 3,530 probe images of 80 identities (FaceScrub's size 
 The rank-1 runs in a child process (`python -m shrinkcli.bench.scale megaface ...`) whose peak RSS
 comes from the kernel's rusage, as in the `memory` suite; wall time is that child's, from start
 to exit. Targets: <= 5 minutes and <= 3 GB on a 2-core machine.
+
+Part `partialfc`: the teacher step with a sampled (0.1) margin head at 10k, 100k and 1M classes on
+1 and 2 gloo ranks (see shrinkcli.bench.partial_fc). Targets: 1M classes <= 2x the 10k step, and
+half the per-rank head memory at 2 ranks.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 from shrinkcli.bench.timing import info_row, ratio_row
 
 SUITE = "scale"
-PARTS = ("megaface",)
+PARTS = ("megaface", "partialfc")
 DIM = 512
 WALL_TARGET_S = 300.0
 RSS_TARGET_MIB = 3072.0
@@ -87,6 +91,12 @@ def _megaface(quick: bool) -> list[dict[str, Any]]:
         info_row(SUITE, "megaface: write the store", a="write s", a_value=write_s, unit="s",
                  b="rows/s", b_value=count / max(write_s, 1e-9), settings=f"{settings}; shrink's StoreWriter, chunks of 65536"),
     ]
+
+
+def _partialfc(quick: bool) -> list[dict[str, Any]]:
+    from shrinkcli.bench.partial_fc import run_part
+
+    return run_part(quick)
 
 
 def run(quick: bool = False, **_: Any) -> dict[str, Any]:

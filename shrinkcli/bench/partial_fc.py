@@ -1,0 +1,152 @@
+"""Part `partialfc` of suite `scale`: the teacher step with a PartialFC head at 10k, 100k and 1M classes.
+
+One child process per world size runs every class count in increasing order: 1 process directly,
+2 processes under `torchrun` (gloo, the sharded head of shrinkcli.losses.partial_fc). A step is what
+the Trainer does: backbone forward (DDP at 2 ranks), margin head at sample rate 0.1, backward, SGD
+with momentum and weight decay; its time is the median over timed steps after warm-up, the slowest
+rank's. Head memory per rank is counted from the tensors (centres + gradient + momentum, float32);
+peak RSS is the process's high-water mark after that class count (counts run in increasing order,
+so each is dominated by its own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from shrinkcli.bench.timing import info_row, ratio_row
+
+SUITE = "scale"
+EMBEDDING = 128
+INPUT = 32
+SAMPLE_RATE = 0.1
+
+
+def _settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"classes": [1_000, 10_000], "steps": 2, "warmup": 1, "batch": 16}
+    return {"classes": [10_000, 100_000, 1_000_000], "steps": 8, "warmup": 2, "batch": 64}
+
+
+def _launch(world: int, settings: dict[str, Any], out: Path) -> tuple[int, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "shrinkcli.bench.partial_fc", json.dumps(settings), str(out)]
+    if world > 1:
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args]
+    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, check=False)
+    return proc.returncode, (proc.stderr or "").strip().splitlines()[-1:][0] if proc.returncode else ""
+
+
+def _read(out: Path, world: int) -> list[list[dict[str, Any]]]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def run_part(quick: bool) -> list[dict[str, Any]]:
+    settings = _settings(quick)
+    classes = settings["classes"]
+    results: dict[int, list[list[dict[str, Any]]]] = {}
+    status: dict[int, str] = {}
+    with tempfile.TemporaryDirectory(prefix="shrink-bench-pfc-") as tmp:
+        for world in (1, 2):
+            out = Path(tmp) / f"w{world}"
+            out.mkdir()
+            code, why = _launch(world, settings, out)
+            status[world] = "ok" if code == 0 else f"exit {code}: {why}"
+            results[world] = _read(out, world) if code == 0 else []
+    about = (f"r18 width 0.125, {INPUT} px, embedding {EMBEDDING}, global batch {settings['batch']}, sample rate "
+             f"{SAMPLE_RATE}, SGD momentum 0.9, median of {settings['steps']} steps after {settings['warmup']}, gloo CPU")
+    small, large = classes[0], classes[-1]
+    rows: list[dict[str, Any]] = []
+    nan = float("nan")
+
+    def step(world: int, count: int) -> float:
+        if not results[world]:
+            return nan
+        return max(rank[classes.index(count)]["step_s"] for rank in results[world]) * 1000
+
+    def head_mib(world: int, count: int) -> float:
+        if not results[world]:
+            return nan
+        return max(rank[classes.index(count)]["head_bytes"] for rank in results[world]) / 2**20
+
+    for world in (1, 2):
+        a, b = step(world, large), step(world, small)
+        rows.append(ratio_row(SUITE, f"partialfc: step at {large:,} / {small:,} classes, {world} rank(s)",
+                              a=f"{large:,} ms", a_value=a, b=f"{small:,} ms", b_value=b, unit="ms",
+                              ratio=a / b if b else nan, target=2.0, higher_is_better=False,
+                              settings=f"{status[world]}; {about}"))
+    a, b = head_mib(2, large), head_mib(1, large)
+    rows.append(ratio_row(SUITE, f"partialfc: head memory per rank at {large:,} classes, 2 / 1 ranks",
+                          a="2 ranks MiB", a_value=a, b="1 rank MiB", b_value=b, unit="MiB",
+                          ratio=a / b if b else nan, target=0.5, higher_is_better=False,
+                          settings=f"{status[1]} / {status[2]}; centres + gradient + momentum, float32, largest rank"))
+    for world in (1, 2):
+        for count in classes:
+            rss = max((rank[classes.index(count)]["rss_mib"] for rank in results[world]), default=nan)
+            rows.append(info_row(SUITE, f"partialfc: {count:,} classes, {world} rank(s)", a="step ms",
+                                 a_value=step(world, count), b="peak RSS MiB per rank", b_value=rss, unit="ms",
+                                 settings=f"{status[world]}; head {head_mib(world, count):.1f} MiB per rank; {about}"))
+    return rows
+
+
+def _child(settings: dict[str, Any], out: str) -> None:
+    """The measured process (one rank): every class count in increasing order."""
+    import gc
+    import resource
+
+    import torch
+
+    from shrinkcli.atomic import atomic_write_json
+    from shrinkcli.engine.distributed import barrier, init_distributed, wrap_ddp
+    from shrinkcli.engine.optim import param_groups
+    from shrinkcli.losses.partial_fc import margin_head
+    from shrinkcli.models import create_model
+    from shrinkcli.stages.teacher import MarginTask
+
+    info = init_distributed("cpu")
+    local = settings["batch"] // info.world_size
+    report = []
+    for count in settings["classes"]:
+        torch.manual_seed(0)
+        backbone = create_model("r18", embedding_size=EMBEDDING, input_size=INPUT, width=0.125)
+        head = margin_head(EMBEDDING, count, sample_rate=SAMPLE_RATE)
+        task = MarginTask(backbone.train(), head.train())
+        if info.enabled:
+            task.distribute(lambda module: wrap_ddp(module, torch.device("cpu")))
+        optimizer = torch.optim.SGD(param_groups([backbone, head], 5e-4), lr=0.01, momentum=0.9)
+        generator = torch.Generator().manual_seed(info.rank)
+        images = torch.randn(local, 3, INPUT, INPUT, generator=generator)
+        labels = torch.randint(0, count, (local,), generator=generator)
+        times = []
+        for index in range(settings["warmup"] + settings["steps"]):
+            barrier()
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = task.loss(images, labels, None, None)
+            loss.backward()
+            optimizer.step()
+            barrier()
+            if index >= settings["warmup"]:
+                times.append(time.perf_counter() - started)
+        times.sort()
+        weight = head.weight
+        moments = sum(v.numel() for v in optimizer.state[weight].values() if torch.is_tensor(v) and v.ndim)
+        report.append({"classes": count, "rows": int(weight.shape[0]), "step_s": times[len(times) // 2],
+                       "head_bytes": (weight.numel() * 2 + moments) * weight.element_size(),
+                       "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                       "loss": float(loss)})
+        del task, backbone, head, optimizer, weight, loss
+        gc.collect()
+    atomic_write_json(Path(out) / f"rank{info.rank}.json", report)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m shrinkcli.bench.partial_fc SETTINGS_JSON OUT_DIR")
+    _child(json.loads(sys.argv[1]), sys.argv[2])
