@@ -110,25 +110,35 @@ def _fmt(value: Any) -> str:
 
 
 def _run(fn: Callable[[], dict[str, Any]]) -> None:
-    """Call a stage; map exceptions to one line on stderr and a documented exit code."""
+    """Call a stage; map exceptions to one line on stderr and a documented exit code. Every run dir
+    the stage began and left `running` is marked with what ended it (`close_open_runs`)."""
+    from shrinkcli.errors import TrainingDivergedError
+    from shrinkcli.rundir import close_open_runs
+
+    close_open_runs()       # locks left by an earlier call in this process (tests call the app repeatedly)
     try:
         result = fn()
     except ShrinkError as exc:
+        close_open_runs("diverged" if isinstance(exc, TrainingDivergedError) else "failed", str(exc))
         if getattr(exc, "result", None) and _global["json"]:
             sys.stdout.write(strict_json(exc.result) + "\n")
         typer.echo(f"shrink: error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
+        close_open_runs("interrupted", "interrupted (Ctrl-C)")
         typer.echo("shrink: interrupted (resume with --resume RUN_DIR where the stage supports it)", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except typer.Exit:
+        close_open_runs("failed", "exited")
         raise
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no tracebacks for users
+        close_open_runs("failed", f"internal error: {type(exc).__name__}: {exc}")
         if os.environ.get("SHRINK_DEBUG"):
             raise
         typer.echo(f"shrink: internal error: {type(exc).__name__}: {exc} "
                    "(set SHRINK_DEBUG=1 for the traceback and report it)", err=True)
         raise typer.Exit(EXIT_INTERNAL) from None
+    close_open_runs()
     _print_result(result or {})
 
 

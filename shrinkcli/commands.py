@@ -15,7 +15,7 @@ from shrinkcli.app import (CONFIG, EXIST_OK, NAME, PROJECT, RUN_DIR, SET, _build
                            data_app)
 from shrinkcli.config import STAGE_CONFIGS
 from shrinkcli.options import parameter, stage_command
-from shrinkcli.rundir import RunOptions
+from shrinkcli.rundir import RunOptions, check_name
 
 RESUME = typer.Option(None, "--resume", help="Resume from a run dir or a weights/last.pt checkpoint.")
 RUN_DIR_PARAMS = [
@@ -33,8 +33,13 @@ def _stage_handler(stage: str):
         options = RunOptions(project=extra.get("project", "runs"), name=extra.get("name"),
                              run_dir=str(extra["run_dir"]) if extra.get("run_dir") else None,
                              exist_ok=bool(extra.get("exist_ok", False)), resume=extra.get("resume"))
-        call_stage(STAGES[stage], options,
-                   config=lambda: _build_config(stage, extra.get("config"), values, extra.get("overrides")))
+
+        def build():
+            if options.name is not None:
+                check_name(options.name)        # refused before any work, like every other option
+            return _build_config(stage, extra.get("config"), values, extra.get("overrides"))
+
+        call_stage(STAGES[stage], options, config=build)
     return handle
 
 

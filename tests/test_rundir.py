@@ -64,6 +64,7 @@ def test_hash_mismatch_detected(tmp_path):
     out = run.file("model.safetensors")
     out.write_bytes(b"original")
     run.add_output(out, "weights")
+    run.finish()
     out.write_bytes(b"tampered")
     with pytest.raises(BadInputError, match="sha256 mismatch"):
         resolve_artifact(run.path, "weights")

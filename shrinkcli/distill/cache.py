@@ -221,7 +221,11 @@ def _open_arrays(directory: Path, temp_paths: dict[str, Path], num_items: int, f
         temp_paths[f"stage{k + 1}"] = directory / f".stage{k + 1}.npy.tmp"
         shapes[f"stage{k + 1}"] = ((flips, num_items, *shape), stage_dtype)
     if ddp.env_dist_info().is_main:
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:      # a file in the way, no permission, a read-only disk
+            raise BadInputError(f"cannot create the teacher cache {directory}: {exc.strerror or exc}",
+                                hint="choose a writable --set cache_dir=DIR") from exc
         (directory / KEY_FILE).unlink(missing_ok=True)
         _check_disk_space(directory, _estimate_bytes(num_items, flips, embedding_size, stage_shapes,
                                                      stage_dtype.itemsize))

@@ -64,6 +64,8 @@ def resume_run(resume: str | Path, stage: str, given_config, run_options, *, is_
         run = run_options.create(stage, config.to_dict())
     else:
         run = RunDir(owner, stage, config.to_dict())
+        run.begun = False       # the manifest stays as it is until the stage calls `run.begin()`
+        run.lock()
         try:
             previous = json.loads((owner / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -71,9 +73,7 @@ def resume_run(resume: str | Path, stage: str, given_config, run_options, *, is_
         if previous.get("stage") not in (None, stage):
             raise BadInputError(f"{owner} is a {previous.get('stage')} run, not a {stage} run",
                                 hint=f"resume it with `shrink {previous.get('stage')} --resume {owner}`")
-        for key in ("inputs", "outputs", "results", "started", "name"):
+        for key in ("inputs", "outputs", "results", "started", "name", "status", "finished", "error"):
             if key in previous:
                 run.manifest[key] = previous[key]
-        run.manifest["status"] = "running"
-        run.save()
     return run, path, config

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from shrinkcli.errors import BadInputError
+from shrinkcli.errors import BadInputError, GateFailedError
 from shrinkcli.evaluate import embed_pixels
 
 ARTIFACT_KINDS = ["onnx", "weights", "checkpoint", "safetensors", "onnx-fp16", "onnx-int8"]
@@ -38,10 +38,20 @@ class EmbeddingRunner:
         self.sha256 = sha256
         self.arch: str | None = meta.get("arch")
         self.arch_kwargs: dict[str, Any] = dict(meta.get("arch_kwargs") or {})
-        self.input_size = int(meta.get("input_size") or 112)
-        self.mean = float(meta.get("mean", 127.5))
-        self.std = float(meta.get("std", 127.5))
-        self.crop = meta.get("crop")
+        try:    # read from the file's metadata: refuse what cannot be meant, with the file named
+            self.input_size = int(meta.get("input_size") or 112)
+            self.mean = float(meta.get("mean", 127.5))
+            self.std = float(meta.get("std", 127.5))
+        except (TypeError, ValueError) as exc:
+            raise BadInputError(f"{path}: recorded preprocessing is not valid ({exc})",
+                                hint="re-export the model with `shrink export`") from None
+        crop = meta.get("crop")
+        if (not 0 < self.input_size <= 4096 or not np.isfinite([self.mean, self.std]).all() or self.std == 0
+                or (crop is not None and (not isinstance(crop, int) or isinstance(crop, bool) or crop <= 0))):
+            raise BadInputError(f"{path}: recorded preprocessing is not valid (input_size {self.input_size}, "
+                                f"mean {self.mean}, std {self.std}, crop {crop!r})",
+                                hint="re-export the model with `shrink export`")
+        self.crop = crop
         self.crop_recorded = True
 
     @property
@@ -52,13 +62,21 @@ class EmbeddingRunner:
         raise NotImplementedError
 
     def embed(self, images_uint8: Any, *, batch_size: int = 64, flip: bool = True) -> np.ndarray:
-        return embed_pixels(self.forward_uint8, images_uint8, batch_size=batch_size, flip=flip)
+        return self._finite(embed_pixels(self.forward_uint8, images_uint8, batch_size=batch_size, flip=flip))
 
     def raw(self, images_uint8: Any, *, batch_size: int = 64) -> np.ndarray:
         """Outputs without flip or normalisation (what a parity check compares)."""
         chunks = [np.asarray(self.forward_uint8(images_uint8[i:i + batch_size]), dtype=np.float32)
                   for i in range(0, len(images_uint8), batch_size)]
-        return np.concatenate(chunks)
+        return self._finite(np.concatenate(chunks))
+
+    def _finite(self, embeddings: np.ndarray) -> np.ndarray:
+        """Every score computed from a NaN embedding is meaningless (and NaN sorts as a match)."""
+        bad = int(np.size(embeddings) - np.isfinite(embeddings).sum())
+        if bad:
+            raise GateFailedError(f"{self.label} gives non-finite embeddings ({bad} of {np.size(embeddings)} values)",
+                                  hint="the weights are corrupt or the training diverged")
+        return embeddings
 
     def params(self) -> int | None:
         raise NotImplementedError
@@ -207,18 +225,18 @@ def _json(text: str | None) -> Any:
         return {}
 
 
-def resolve_model_file(source: str, what: str = "model"):
+def resolve_model_file(source: str, what: str = "model", *, allow_incomplete: bool = False):
     """A file or run dir -> the rundir Artifact to run (BadInputError with one line otherwise)."""
     from shrinkcli.rundir import resolve_artifact
 
     if not Path(source).exists():
         raise BadInputError(f"{what} {source} does not exist", hint="check the path (a .onnx, .safetensors, .pt file or a run dir)")
-    return resolve_artifact(source, ARTIFACT_KINDS)
+    return resolve_artifact(source, ARTIFACT_KINDS, allow_incomplete=allow_incomplete)
 
 
-def open_runner(source: str, what: str = "model") -> EmbeddingRunner:
+def open_runner(source: str, what: str = "model", *, allow_incomplete: bool = False) -> EmbeddingRunner:
     """The runner for a file (.onnx, .safetensors, .pt, .pth) or a run dir."""
-    artifact = resolve_model_file(source, what)
+    artifact = resolve_model_file(source, what, allow_incomplete=allow_incomplete)
     path = Path(artifact.path)
     if path.suffix.lower() == ".onnx":
         return OnnxRunner(path, artifact.sha256)

@@ -209,15 +209,50 @@ def _json_field(metadata: dict, key: str, path: Path) -> Any:
         raise BadInputError(f"{path}: metadata field {key!r} is missing or not JSON") from exc
 
 
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and not isinstance(value, bool) else None
+
+
+def check_preprocess(preprocess: Any, path: Path | str) -> dict | None:
+    """The preprocessing a file records, refused with one line when it cannot be what it says
+    (e.g. mean = "x"): every embedding computed from it would be wrong or a crash."""
+    if preprocess is None:
+        return None
+    if not isinstance(preprocess, dict):
+        raise BadInputError(f"{path}: recorded preprocessing is not a table: {str(preprocess)[:80]!r}",
+                            hint="re-save the weights with shrink, or pass a file without shrink metadata")
+    for key in ("mean", "std"):
+        if key in preprocess and _number(preprocess[key]) is None:
+            raise BadInputError(f"{path}: recorded preprocessing {key} = {preprocess[key]!r} is not a finite number",
+                                hint="re-save the weights with shrink")
+    if "std" in preprocess and _number(preprocess["std"]) == 0:
+        raise BadInputError(f"{path}: recorded preprocessing std is 0", hint="re-save the weights with shrink")
+    for key in ("input_size", "crop"):
+        value = preprocess.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise BadInputError(f"{path}: recorded preprocessing {key} = {value!r} is not a positive integer",
+                                hint="re-save the weights with shrink")
+    if "channel_order" in preprocess and str(preprocess["channel_order"]).upper() not in ("RGB", "BGR"):
+        raise BadInputError(f"{path}: recorded channel_order = {preprocess['channel_order']!r} is not RGB or BGR")
+    return preprocess
+
+
 def _arch_from_file(obj: Any, metadata: dict, path: Path) -> tuple[str | None, dict, dict | None]:
     """(arch, kwargs, preprocess) recorded in the file itself, or (None, {}, None)."""
     if "shrink_arch" in metadata:
         preprocess = _json_field(metadata, "preprocess", path) if "preprocess" in metadata else None
-        return metadata["shrink_arch"], _json_field(metadata, "shrink_arch_kwargs", path), preprocess
+        kwargs = _json_field(metadata, "shrink_arch_kwargs", path)
+        if not isinstance(kwargs, dict):
+            raise BadInputError(f"{path}: metadata field 'shrink_arch_kwargs' is not a table")
+        return metadata["shrink_arch"], kwargs, check_preprocess(preprocess, path)
     if isinstance(obj, dict) and isinstance(obj.get("arch"), str):
         kwargs = obj.get("arch_kwargs") if isinstance(obj.get("arch_kwargs"), dict) else {}
         preprocess = obj.get("preprocess") if isinstance(obj.get("preprocess"), dict) else None
-        return obj["arch"], dict(kwargs), preprocess
+        return obj["arch"], dict(kwargs), check_preprocess(preprocess, path)
     return None, {}, None
 
 
@@ -241,7 +276,11 @@ def load_model(path: str | Path, arch: str | None = None, **kwargs: Any) -> tupl
             pass
     name = arch or file_arch
     model_kwargs = {**file_kwargs, **kwargs}
-    model = create_model(name, **model_kwargs)
+    try:
+        model = create_model(name, **model_kwargs)
+    except (TypeError, ValueError) as exc:      # kwargs recorded in the file (or given) that do not fit
+        raise BadInputError(f"{path}: cannot build {name} with {model_kwargs}: {_first_line(exc)}",
+                            hint="check --arch and its options, or re-save the weights with shrink") from exc
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:

@@ -15,7 +15,7 @@ from typing import Any
 from shrinkcli import log
 from shrinkcli.config import DistillConfig, TrainConfig
 from shrinkcli.errors import BadInputError
-from shrinkcli.rundir import Artifact, RunDir, RunOptions, resolve_artifact
+from shrinkcli.rundir import Artifact, RunDir, RunOptions, resolve_artifact, verify_recorded_inputs
 
 TEACHER_KINDS = ["weights", "checkpoint"]
 PREPROCESS_KEYS = ("input_size", "crop", "mean", "std")
@@ -51,7 +51,7 @@ def load_teacher(spec: str | None, config: DistillConfig | None = None):
 
     if not spec:
         raise BadInputError("no teacher given", hint="pass --teacher RUN_DIR|CHECKPOINT|backbone.pth|model.onnx")
-    artifact = resolve_artifact(spec, TEACHER_KINDS)
+    artifact = resolve_artifact(spec, TEACHER_KINDS, allow_incomplete=bool(config and config.allow_incomplete))
     if artifact.path.suffix.lower() == ".onnx":
         from shrinkcli.models.onnx_import import load_onnx_teacher
         from shrinkcli.stages.teacher_onnx import contract_options
@@ -155,6 +155,9 @@ def _open_run_dir(config: DistillConfig, given: DistillConfig, options: RunOptio
                   teacher_artifact: Artifact, dataset, is_main: bool) -> RunDir | None:
     """The run dir (None on non-main ranks), with the teacher and the data recorded."""
     run_dir = resumed
+    if resumed is not None:
+        verify_recorded_inputs(resumed.manifest, ["teacher"], f"distill --resume {resumed.path}")
+        resumed.begin()     # validated: only now does the manifest say `running`
     if resumed is None and is_main:
         # The manifest keeps the config as given (the pipeline compares it to decide whether a stage
         # is up to date); what the teacher filled in is in results.preprocess.

@@ -62,7 +62,7 @@ def run(config: EmbedConfig, options: RunOptions | None = None) -> dict[str, Any
     from shrinkcli.evaluate.store import StoreWriter, preprocess_of
 
     _check(config)
-    runner = open_runner(config.model, "model")
+    runner = open_runner(config.model, "model", allow_incomplete=config.allow_incomplete)
     crop = config.crop if config.crop is not None else runner.crop
     dataset = open_labelled(config.data, input_size=runner.input_size, crop=crop)
     identity = {"model_sha256": runner.sha256, "data": config.data,

@@ -29,24 +29,46 @@ from typing import Any
 from shrinkcli import log
 from shrinkcli.atomic import atomic_write_json, atomic_write_text
 from shrinkcli.errors import BadInputError
-from shrinkcli.rundir import RunDir, RunOptions, load_manifest
+from shrinkcli.rundir import RunDir, RunOptions, check_name, load_manifest
 from shrinkcli.stages.registry import STAGES
 from shrinkcli.stages.staleness import prepare_stage
 
 
 def _plan(recipe: dict[str, Any]) -> tuple[list[int], str, str, dict[str, dict[str, Any]]]:
+    """The study's seeds, baseline, pairs and variants, every one checked before anything trains:
+    a mistake found after the teacher would cost its whole training time."""
+    from shrinkcli.config import stage_config_from_recipe
+
     spec = recipe["experiment"]
     unknown = sorted(set(spec) - {"seeds", "baseline", "pairs", "variants", "bootstrap"})
     if unknown:
         raise BadInputError(f"recipe [experiment]: unknown key(s) {', '.join(unknown)}",
                             hint="valid keys: seeds, baseline, pairs, variants, bootstrap")
     variants = spec.get("variants") or {}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise BadInputError("recipe [experiment]: variants must be tables ([experiment.variants.NAME])")
+    for name in variants:
+        check_name(name, "recipe [experiment]: variant name")
     baseline = spec.get("baseline", "baseline")
-    if baseline not in variants:
+    if not isinstance(baseline, str) or baseline not in variants:
         raise BadInputError(f"recipe [experiment]: baseline variant {baseline!r} is not in [experiment.variants]")
-    if not spec.get("pairs"):
+    if not spec.get("pairs") or not isinstance(spec["pairs"], str):
         raise BadInputError("recipe [experiment]: no pairs to evaluate on", hint='e.g. pairs = "lfw-half:ROOT"')
-    seeds = [int(s) for s in spec.get("seeds", [0])]
+    seeds = spec.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds)):
+        raise BadInputError(f"recipe [experiment]: seeds must be a non-empty list of integers 0..2^32-1, got {seeds!r}",
+                            hint="e.g. seeds = [0, 1, 2]")
+    if len(set(seeds)) != len(seeds):
+        raise BadInputError(f"recipe [experiment]: seeds {seeds} repeat a seed",
+                            hint="each seed trains one run; a repeated one would be counted twice")
+    bootstrap = spec.get("bootstrap", 2000)
+    if not isinstance(bootstrap, int) or isinstance(bootstrap, bool) or not 1 <= bootstrap <= 10**6:
+        raise BadInputError(f"recipe [experiment]: bootstrap must be an integer 1..1000000, got {bootstrap!r}")
+    stage_config_from_recipe(recipe, "teacher")
+    for name, changes in variants.items():     # unknown keys and bad values of every variant
+        stage_config_from_recipe({**recipe, "distill": {**recipe.get("distill", {}), **changes}}, "distill",
+                                 f"variant {name}")
     return seeds, baseline, str(spec["pairs"]), variants
 
 

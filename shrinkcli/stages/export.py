@@ -21,7 +21,8 @@ FILES = {"onnx": "model.onnx", "onnx-fp16": "model-fp16.onnx", "onnx-int8": "mod
 VARIANT_OF_KIND = {"onnx": "fp32", "onnx-fp16": "fp16", "onnx-int8": "int8"}
 
 
-def resolve_source(options: RunOptions, run: str | None, weights: str | None) -> Artifact:
+def resolve_source(options: RunOptions, run: str | None, weights: str | None, *,
+                   allow_incomplete: bool = False) -> Artifact:
     """The weights to export: --weights FILE, --run RUN_DIR, or the newest completed distill run."""
     if run and weights:
         raise BadInputError("pass either --run or --weights, not both")
@@ -34,7 +35,7 @@ def resolve_source(options: RunOptions, run: str | None, weights: str | None) ->
                                 hint="pass --run RUN_DIR or --weights FILE, or run `shrink distill` first")
         log.info(f"exporting the newest completed distill run: {newest}")
         run = str(newest)
-    return resolve_artifact(run, ["weights", "checkpoint"])
+    return resolve_artifact(run, ["weights", "checkpoint"], allow_incomplete=allow_incomplete)
 
 
 def graph_spec(model, meta: dict[str, Any], config: ExportConfig):
@@ -155,13 +156,25 @@ def _write_safetensors(model, meta, source: Artifact, out: RunDir) -> tuple[Path
     return path, "bit-exact"
 
 
+def _check_finite(model, source: Artifact) -> None:
+    """A model with NaN/inf weights exports fine and parity-checks against itself: refuse it."""
+    import torch
+
+    bad = [name for name, t in (*model.named_parameters(), *model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise GateFailedError(f"{source.path} has non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}",
+                              hint="export a checkpoint from before the training diverged")
+
+
 def run(config: ExportConfig, options: RunOptions) -> dict[str, Any]:
     from shrinkcli.models.io import load_model
 
     _validate(config)
-    source = resolve_source(options, config.run, config.weights)
+    source = resolve_source(options, config.run, config.weights, allow_incomplete=config.allow_incomplete)
     model, meta = load_model(source.path)
     model = model.float().eval()
+    _check_finite(model, source)
     spec = graph_spec(model, meta, config)
     out = options.create("export", config.to_dict())
     out.set_device("cpu")

@@ -17,7 +17,7 @@ from typing import Any
 from shrinkcli import log
 from shrinkcli.config import load_recipe, stage_config_from_recipe
 from shrinkcli.errors import BadInputError
-from shrinkcli.rundir import MANIFEST, RunDir, RunOptions, load_manifest
+from shrinkcli.rundir import MANIFEST, RunDir, RunOptions, check_name, load_manifest
 from shrinkcli.stages import experiment
 from shrinkcli.stages.registry import STAGES
 from shrinkcli.stages.staleness import prepare_stage, stage_state  # noqa: F401  (stage_state: public API)
@@ -70,12 +70,33 @@ def _stage_configs(recipe: dict[str, Any], parent: Path) -> dict[str, Any]:
 
 
 
+def _check_parent(parent: Path, stage: str, exist_ok: bool) -> None:
+    """A re-run replaces stage folders in the parent: a folder shrink did not create for this (it
+    may hold the user's files) is refused unless --exist-ok. An empty folder is harmless."""
+    if exist_ok or not parent.exists():
+        return
+    if not parent.is_dir():
+        raise BadInputError(f"{parent} exists and is not a folder", hint="choose another --run-dir/--name")
+    if not any(parent.iterdir()):
+        return
+    try:
+        made_by = load_manifest(parent).get("stage")
+    except BadInputError:
+        made_by = None
+    if made_by != stage:
+        raise BadInputError(f"{parent} exists and was not created by `shrink pipeline`"
+                            + (f" (it is a {made_by} run dir)" if made_by else ""),
+                            hint="choose another --run-dir/--name, or pass --exist-ok to use it anyway")
+
+
 def run(recipe_path: str | Path | None, overrides: list[str], options: RunOptions, *,
         force: bool = False) -> dict[str, Any]:
     recipe_path = Path(recipe_path) if recipe_path else builtin_recipe_path()
     recipe = apply_recipe_overrides(load_recipe(recipe_path), overrides)
-    name = options.name or recipe.get("pipeline", {}).get("name") or recipe_path.stem
+    given = options.name or recipe.get("pipeline", {}).get("name")
+    name = check_name(str(given), "pipeline name") if given is not None else recipe_path.stem
     parent = Path(options.run_dir) if options.run_dir else Path(options.project) / "pipeline" / name
+    _check_parent(parent, "experiment" if "experiment" in recipe else "pipeline", options.exist_ok)
     if "experiment" in recipe:
         return experiment.run(recipe, parent, options)
     configs = _stage_configs(recipe, parent)

@@ -18,7 +18,7 @@ from typing import Any
 from shrinkcli import log
 from shrinkcli.config import TeacherConfig
 from shrinkcli.errors import BadInputError, GateFailedError
-from shrinkcli.rundir import RunDir, RunOptions
+from shrinkcli.rundir import RunDir, RunOptions, verify_recorded_inputs
 
 CHECK_IMAGES = 8
 HASH_LIMIT_BYTES = 2 << 30  # larger data files are recorded by size: hashing would take minutes
@@ -112,6 +112,9 @@ def train_teacher(config: TeacherConfig, run: RunOptions, *, resume: str | None 
     if resume is None and is_main:
         run_dir = run.create("teacher", config.to_dict())
     if run_dir is not None:
+        if resume is not None:
+            verify_recorded_inputs(run_dir.manifest, ["data"], f"teacher --resume {run_dir.path}")
+        run_dir.begin()     # a resume is validated (checkpoint, config, data): only now is the run `running`
         _record_data(run_dir, config.data, dataset)
     params = sum(p.numel() for p in backbone.parameters())
     log.info(f"teacher {config.arch}: {params / 1e6:.2f}M params, {config.head} head over {num_classes} identities"

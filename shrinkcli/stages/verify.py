@@ -22,15 +22,18 @@ DEFAULT_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98}  # int8 as th
 
 def _reference_from_run(source: str) -> str | None:
     """An export run dir records the weights it exported: the natural parity reference."""
-    from shrinkcli.rundir import load_manifest
+    from shrinkcli.rundir import load_manifest, verify_recorded_inputs
 
     path = Path(source)
     if not path.is_dir():
         return None
-    inputs = [r for r in load_manifest(path).get("inputs", []) if r.get("kind") in ("weights", "checkpoint")]
-    if inputs and Path(inputs[-1]["path"]).is_file():
-        return inputs[-1]["path"]
-    return None
+    inputs = [r for r in load_manifest(path).get("inputs", [])
+              if isinstance(r, dict) and r.get("kind") in ("weights", "checkpoint")]
+    if not inputs:
+        return None
+    # The parity check is only meaningful against the very weights the artifact was made from.
+    verify_recorded_inputs({"inputs": inputs[-1:]}, ("weights", "checkpoint"), f"verify --model {path} (its reference)")
+    return str(inputs[-1]["path"])
 
 
 def _crop_for(runner, config: VerifyConfig):
@@ -209,10 +212,11 @@ def run(config: VerifyConfig, options: RunOptions) -> dict[str, Any]:
     from shrinkcli.evaluate.runners import open_runner
 
     _check_request(config)
-    model = open_runner(config.model, "model")
+    model = open_runner(config.model, "model", allow_incomplete=config.allow_incomplete)
     reference_source = config.reference or _reference_from_run(config.model)
-    reference = open_runner(reference_source, "reference") if reference_source else None
-    teacher = open_runner(config.teacher, "teacher") if config.teacher else None
+    reference = (open_runner(reference_source, "reference", allow_incomplete=config.allow_incomplete)
+                 if reference_source else None)
+    teacher = open_runner(config.teacher, "teacher", allow_incomplete=config.allow_incomplete) if config.teacher else None
     if reference is not None and not model.crop_recorded and reference.crop is not None:
         log.info(f"{model.path.name} records no centre crop; using the reference's crop {reference.crop}")
         model.crop = reference.crop
