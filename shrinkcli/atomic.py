@@ -29,6 +29,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         raise BadInputError(f"cannot write {path}: {exc.strerror}",
                             hint="check that the directory exists and is writable") from exc
     try:
+        # mkstemp makes the file 0600; a replaced file gets what an ordinary write would give it
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -41,6 +43,48 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             raise BadInputError(f"cannot write {path}: {exc.strerror or exc}",
                                 hint="check free disk space and permissions; the previous file is intact") from exc
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+TEMP_PREFIX = ".shrink-tmp-"
+
+
+@contextlib.contextmanager
+def temp_dir(parent: str | os.PathLike, tag: str = "work") -> Iterator[Path]:
+    """A scratch folder inside `parent`, hidden (leading dot) and removed on every exit; one left
+    by kill -9 is removed by `remove_stale_temps` the next time a run takes the folder."""
+    import shutil
+
+    path = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{tag}-", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
+    """Remove the temp files (`.NAME.XXXX.tmp`) and folders (`.shrink-tmp-*`) a killed process
+    left in `folder`. Only call it while holding the folder's run-dir lock: no live writer then."""
+    import shutil
+
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if entry.name.startswith(TEMP_PREFIX) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+        elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+            with contextlib.suppress(OSError):
+                entry.unlink()
+                removed.append(entry.name)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from shrinkcli import __version__
-from shrinkcli.atomic import atomic_write_json, sha256_file
+from shrinkcli.atomic import atomic_write_json, remove_stale_temps, sha256_file
 from shrinkcli.errors import BadInputError
 
 MANIFEST = "manifest.json"
@@ -163,6 +163,9 @@ class RunDir:
                                     hint="wait for it to finish or choose another --name/--run-dir") from None
             raise BadInputError(f"cannot lock run dir {self.path}: {exc.strerror or exc}") from exc
         self._lock_fd = fd
+        # Holding the lock, no other shrink writes here: temp files a kill -9 left can go.
+        for folder in (self.path, self.path / "weights"):
+            remove_stale_temps(folder)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

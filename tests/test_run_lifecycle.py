@@ -144,3 +144,36 @@ def test_export_of_a_manifest_entry_without_sha256_is_exit_2(teacher_dir, tmp_pa
     line = _clean_exit(runner.invoke(app, ["export", "--run", str(copy), "--run-dir", str(tmp_path / "e")]), 2)
     assert "no path or no sha256" in line
     assert not (tmp_path / "e").exists()
+
+
+def test_files_follow_the_umask_and_stale_temps_are_removed_when_the_dir_is_taken(teacher_dir, tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("manifest.json", "model.safetensors", "weights/last.pt"):
+        assert (teacher_dir / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+    run_dir = tmp_path / "e"
+    (run_dir / "weights").mkdir(parents=True)
+    left = [run_dir / ".manifest.json.k9x.tmp", run_dir / "weights" / ".last.pt.a1b.tmp"]
+    for path in left:
+        path.write_bytes(b"half a file")
+    (run_dir / ".shrink-tmp-int8-q7").mkdir()
+    (run_dir / "mine.txt").write_text("kept")
+    result = runner.invoke(app, ["export", "--weights", str(teacher_dir / "model.safetensors"), "--format",
+                                 "safetensors", "--run-dir", str(run_dir), "--exist-ok"])
+    assert result.exit_code == 0, result.output
+    assert not any(p.exists() for p in left) and not (run_dir / ".shrink-tmp-int8-q7").exists()
+    assert (run_dir / "mine.txt").read_text() == "kept"
+    assert not [p.name for p in run_dir.rglob("*") if p.name.startswith(".") and p.name != ".lock"]
+
+
+def test_a_decompression_bomb_warning_is_shrinks_own_error_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    root = tmp_path / "faces"
+    for identity in ("a", "b"):
+        (root / identity).mkdir(parents=True)
+        Image.new("RGB", (64, 64), (120, 80, 40)).save(root / identity / "0.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)    # 4096 pixels: over the limit, under twice it
+    line = _clean_exit(runner.invoke(app, ["teacher", *TINY, "--batch-size", "2", "--data", f"folder:{root}",
+                                           "--run-dir", str(tmp_path / "run")]), 2)
+    assert "decompression bomb" in line and "0.png" in line

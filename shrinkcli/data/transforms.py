@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from typing import Union
 
 import numpy as np
@@ -23,13 +24,21 @@ def _open_pil(source: ImageSource, where: str):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            image = Image.open(io.BytesIO(bytes(source)))
-        else:
-            image = Image.open(source)
-        image.load()  # force the full decode here, so truncation is reported now, not later
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that: no face image is that large,
+            # so it is refused like a bomb instead of a library warning on stderr.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(source, (bytes, bytearray, memoryview)):
+                image = Image.open(io.BytesIO(bytes(source)))
+            else:
+                image = Image.open(source)
+            image.load()  # force the full decode here, so truncation is reported now, not later
         return image
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise BadInputError(f"cannot decode image {where}: {exc}",
+                            hint="an image this large is not a face crop (possibly a decompression bomb); "
+                                 "remove it, or pass skip_corrupt to skip it") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadInputError(f"cannot decode image {where}: {exc}",
                             hint="re-encode or remove the file, or pass skip_corrupt to count and skip it") from exc
 

@@ -12,11 +12,11 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from shrinkcli.atomic import temp_dir
 from shrinkcli.errors import BadInputError
 
 INPUT, OUTPUT = "in0", "out0"
@@ -30,7 +30,7 @@ def write(model, spec, out_dir: Path, *, onnx_graph=None, variants=("fp32",), ca
 
     wrapper = DeployWrapper(model, spec).eval()
     example = example_input(spec, batch=1)
-    with tempfile.TemporaryDirectory(prefix="shrink-ncnn-", dir=out_dir) as tmp:
+    with temp_dir(out_dir, "ncnn") as tmp:
         traced = Path(tmp) / "model.pt"
         # pnnx reports every pass on stdout, which `--json` reserves for the result.
         with contextlib.redirect_stdout(sys.stderr), torch.no_grad():

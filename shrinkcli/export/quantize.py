@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from shrinkcli import log
-from shrinkcli.atomic import atomic_write_bytes
+from shrinkcli.atomic import atomic_write_bytes, temp_dir
 from shrinkcli.errors import BadInputError
 from shrinkcli.export.onnx_export import INPUT_NAME, set_metadata
 
@@ -93,7 +92,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_inputs: np.
         raise BadInputError(f"{fp32_path} has its PReLUs written for fp32 onnxruntime (prelu=split), which runs "
                             "slowly once quantized",
                             hint="quantize a graph exported with prelu=residual (`shrink export --quantize int8` does this)")
-    with tempfile.TemporaryDirectory(prefix="shrink-int8-", dir=out_path.parent) as tmp:
+    with temp_dir(out_path.parent, "int8") as tmp:
         workdir = Path(tmp)
         prepared = _preprocessed(fp32_path, workdir)
         produced = workdir / "int8.onnx"

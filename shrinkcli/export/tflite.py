@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from shrinkcli.atomic import atomic_write_bytes
+from shrinkcli.atomic import atomic_write_bytes, temp_dir
 from shrinkcli.errors import BadInputError
 
 _FILES = {"fp32": "model.tflite", "int8": "model-int8.tflite"}
@@ -31,7 +30,7 @@ def write(model, spec, out_dir: Path, *, onnx_graph=None, variants=("fp32",), ca
     wrapper = DeployWrapper(model, spec).eval()
     with contextlib.redirect_stdout(sys.stderr), torch.no_grad():
         converted = litert_torch.convert(wrapper, (example_input(spec, batch=1),))
-    with tempfile.TemporaryDirectory(prefix="shrink-tflite-", dir=out_dir) as tmp:
+    with temp_dir(out_dir, "tflite") as tmp:
         staged = Path(tmp) / "model.tflite"
         converted.export(str(staged))
         float_bytes = staged.read_bytes()

@@ -7,11 +7,11 @@ broken models.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from shrinkcli import log
+from shrinkcli.atomic import temp_dir
 from shrinkcli.config import ExportConfig
 from shrinkcli.errors import BadInputError, GateFailedError
 from shrinkcli.rundir import Artifact, RunDir, RunOptions, newest_run, resolve_artifact
@@ -110,7 +110,7 @@ def _write_onnx_variants(model, meta, source: Artifact, config: ExportConfig, sp
         else:
             # The fp32 split form would leave onnxruntime requantizing every ReLU's input; the
             # residual form is the one its integer kernels run fastest (shrinkcli.export.prelu).
-            with tempfile.TemporaryDirectory(prefix="shrink-int8-src-", dir=out.path) as tmp:
+            with temp_dir(out.path, "int8-src") as tmp:
                 residual = export_onnx(model, Path(tmp) / "residual.onnx", spec, opset=config.opset, graph=graph,
                                        source_sha256=source.sha256, extra_metadata=extra, prelu="residual")
                 info = quantize_int8(residual, out.file(FILES["onnx-int8"]), calib)
