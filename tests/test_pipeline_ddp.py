@@ -53,8 +53,11 @@ def test_two_rank_pipeline_with_teacher_cache_learns_like_one_process(tmp_path):
 
     two_curve, one_curve = _curve(tmp_path / "two" / "distill"), _curve(tmp_path / "one" / "distill")
     assert len(two_curve) == len(one_curve) == 4
-    # 300 pairs: one binomial sd at 0.7 is ~0.026; allow about 2.5 of them
-    assert abs(two_curve[-1] - one_curve[-1]) <= 0.065, (two_curve, one_curve)
+    # Two independent short runs on 300 pairs: the pair sampling alone gives a difference sd of
+    # ~0.037 at 0.7, and the per-rank BatchNorm batches (16 instead of 32) add run-to-run noise;
+    # measured 2-rank minus 1-process gaps were +0.00 to -0.09. The collapse this guards against
+    # sits at 0.41-0.45 (every image mapped to one direction), far below the floor.
+    assert abs(two_curve[-1] - one_curve[-1]) <= 0.10, (two_curve, one_curve)
     assert min(two_curve[-1], one_curve[-1]) >= 0.6, (two_curve, one_curve)   # chance is 0.5
     verify = json.loads((tmp_path / "two" / "verify" / "report.json").read_text())
     assert verify["accuracy"]["model"]["accuracy"] >= 0.6, verify["accuracy"]
