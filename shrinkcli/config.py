@@ -370,7 +370,7 @@ class VerifyConfig(Config):
     megaface: bool = opt(False, help='MegaFace rank-1 of --data probes against `distractors`.')
     identification: bool = opt(True, help='Rank-1 on --data when it is a labelled set.')
     latency_seconds: float = opt(1.0, ge=0, le=3600, help='Time budget per latency measurement (0: skip).')
-    flip: bool = opt(True, help='Random horizontal flip of training images.')
+    flip: bool = opt(True, help="Add the horizontally flipped image's embedding (the insightface protocol).")
     allow_incomplete: bool = opt(False, help='Accept input run dirs whose run did not complete (failed, interrupted).')
 
 
@@ -383,7 +383,7 @@ class EmbedConfig(Config):
     chunk_size: int = opt(4096, gt=0, le=1 << 22, help='Images per chunk: the unit of resume after a kill.')
     batch_size: int = opt(64, gt=0, le=1 << 16, help='Images per forward.')
     crop: Optional[int] = opt(None, gt=0, le=4096, help="Centre crop before resize (default: the model's recorded crop).")
-    flip: bool = opt(True, help='Random horizontal flip of training images.')
+    flip: bool = opt(True, help="Add the horizontally flipped image's embedding (the insightface protocol).")
     overwrite: bool = opt(False, help='Replace a store made from another model, data or settings.')
     allow_incomplete: bool = opt(False, help='Accept input run dirs whose run did not complete (failed, interrupted).')
 
