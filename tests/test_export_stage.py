@@ -50,23 +50,37 @@ def _manifest(run_dir: Path) -> dict:
 
 def test_export_all_variants_with_manifest(weights, tmp_path):
     out = tmp_path / "export"
-    # An untrained tiny student reaches ~0.96 in int8 (min over 16 images), under the 0.98 default: the gate is
-    # lowered for the run and the fp32/fp16 numbers are checked against their own thresholds below.
+    # An untrained tiny student reaches ~0.96 in ONNX int8 (min over 16 images), under the 0.98 default: the
+    # gate is lowered for the run and the fp32/fp16 numbers are checked against their own thresholds below.
+    # `all` also writes every installed runtime, and the same gate applies there: OpenVINO int8 of this
+    # student reaches 0.951 on a non-VNNI x86 CPU, too close to 0.95 to hold on every CPU, so the run's gate
+    # is 0.94 while the ONNX int8 assertion below keeps its 0.95 (docs/export.md, OpenVINO).
     result, stdout = _export("--weights", str(weights), "--format", "all", "--dtype", "fp16",
                              "--quantize", "int8", "--calib-data", "synthetic:4:4:0", "--run-dir", str(out),
-                             "--set", "min_cosine=0.95")
+                             "--set", "min_cosine=0.94")
     assert result.exit_code == 0, result.output
     summary = json.loads(stdout)["summary"]
     assert summary["status"] == "ok" and summary["fp32_cosine_min"] >= 0.99999
     manifest = _manifest(out)
     assert manifest["status"] == "completed" and manifest["stage"] == "export"
-    assert {o["kind"] for o in manifest["outputs"]} == {"onnx", "onnx-fp16", "onnx-int8", "safetensors"}
+    from shrinkcli.export import deploy
+
+    runtimes = [r for r in deploy.RUNTIMES if deploy.available(r, to_write=True)]
+    expected = {"onnx", "onnx-fp16", "onnx-int8", "safetensors"}
+    expected |= {deploy.kind_of(r, v) for r in runtimes for v in ("fp32", "fp16", "int8") if v in deploy.FILES[r]}
+    assert {o["kind"] for o in manifest["outputs"] if not o["kind"].endswith(("-metadata", "-weights"))} == expected
+    for runtime in runtimes:     # every runtime file was gated in its runtime, fp32 at the fp32 bound
+        assert manifest["results"]["parity"][runtime]["cosine_min"] >= 0.9999
+        if "int8" in deploy.FILES[runtime]:
+            assert manifest["results"]["parity"][f"{runtime}-int8"]["cosine_min"] >= 0.94
+    for runtime in sorted(set(deploy.RUNTIMES) - set(runtimes)):
+        assert f'pip install "shrink[{runtime}]"' in result.output
     [source] = manifest["inputs"]
     assert source["kind"] == "weights" and Path(source["path"]) == weights.resolve()
     parity = manifest["results"]["parity"]
     assert parity["fp32"]["cosine_min"] >= 0.99999 and parity["fp16"]["cosine_min"] >= 0.999
     assert parity["int8"]["cosine_min"] >= 0.95 and parity["int8"]["images_from"] == "synthetic:4:4:0"
-    assert parity["int8"]["min_cosine_required"] == 0.95
+    assert parity["int8"]["min_cosine_required"] == 0.94
     assert manifest["results"]["quantization"] == {"method": "static-qdq", "calibration_images": 16, "fp32_nodes": 3}
     sizes = manifest["results"]["sizes_bytes"]
     assert sizes["model-fp16.onnx"] < sizes["model.onnx"] and sizes["model-int8.onnx"] < sizes["model.onnx"]
