@@ -139,11 +139,13 @@ def data_pack(
 
 @app.command()
 def bench(
-    suite: str = typer.Argument("all", help="all, or one of: distill, data, onnx, int8, cache, memory, scale."),
+    suite: str = typer.Argument("all", help="all, or one of: distill, data, onnx, int8, deploy, cache, memory, scale."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write the results as Markdown here."),
     quick: bool = typer.Option(False, "--quick", help="Smaller sizes (for a smoke run)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="deploy suite: the student to export and time."),
 ) -> None:
     """Measure speed ratios side by side in one run (see docs/benchmarks.md)."""
     from shrinkcli.stages import bench as bench_stage
 
-    call_stage(bench_stage.run, suite=suite, output=str(output) if output else None, quick=quick)
+    call_stage(bench_stage.run, suite=suite, output=str(output) if output else None, quick=quick,
+               weights=str(weights) if weights else None)

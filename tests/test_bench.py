@@ -93,3 +93,29 @@ def test_quick_scale_megaface_child_measures_the_rank1_of_the_same_store(tmp_pat
     expected = megaface_rank1(probes, labels, FeatureStore(tmp_path / "store").blocks(4096))
     assert rows["megaface: rank-1 (synthetic)"]["a_value"] == round(expected["rank1"], 4)
     assert rows["megaface: rank-1 (synthetic)"]["b_value"] == expected["trials"]
+
+
+def test_quick_deploy_suite_times_every_installed_runtime_against_onnxruntime(tmp_path):
+    from shrinkcli.export import deploy
+
+    result = bench.run(suite="deploy", output=str(tmp_path / "deploy.md"), quick=True)
+    rows = {row["measure"]: row for row in result["rows"]}
+    assert all(tuple(row) == ROW_FIELDS and row["suite"] == "deploy" for row in rows.values())
+    parity = {(p["runtime"], p["variant"]): p for p in next(t for name, t in result["tables"].items() if name.startswith("deploy parity"))}
+    assert parity[("onnxruntime", "fp32")]["cosine_min"] >= 0.99999
+    for runtime in deploy.RUNTIMES:
+        if not deploy.available(runtime, to_write=True):     # skipped, and the run says so
+            assert f"{runtime}: skipped, its extra is not installed (the {runtime} extra of shrink)" in rows
+            continue
+        for variant in ("fp32", "int8"):
+            if variant not in deploy.FILES[runtime]:
+                continue
+            row = rows[f"{runtime} {variant} vs onnxruntime {variant}, 1 thread (speed-up)"]
+            assert row["a"] == "onnxruntime" and row["a_value"] > 0 and row["b_value"] > 0 and row["ratio"] > 0
+            assert parity[(runtime, variant)]["cosine_min"] >= deploy.MIN_COSINE[variant]
+    assert "shrink bench deploy --quick" in (tmp_path / "deploy.md").read_text()
+
+
+def test_bench_weights_only_for_the_deploy_suite():
+    with pytest.raises(BadInputError):
+        bench.run(suite="int8", weights="student.safetensors", quick=True)

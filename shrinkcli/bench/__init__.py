@@ -4,4 +4,4 @@ Each suite module exposes `run(quick: bool) -> {"rows": [row dicts], "tables": {
 has the fields of `shrinkcli.bench.timing.ROW_FIELDS`.
 """
 
-SUITES = ("distill", "data", "onnx", "int8", "cache", "memory", "scale")
+SUITES = ("distill", "data", "onnx", "int8", "deploy", "cache", "memory", "scale")

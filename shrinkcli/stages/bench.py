@@ -55,10 +55,13 @@ def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> list[str]:
             + ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows])
 
 
-def run(*, suite: str = "all", output: str | None = None, quick: bool = False) -> dict[str, Any]:
+def run(*, suite: str = "all", output: str | None = None, quick: bool = False,
+        weights: str | None = None) -> dict[str, Any]:
     chosen = list(SUITES) if suite == "all" else [suite]
     if any(name not in SUITES for name in chosen):
         raise BadInputError(f"unknown benchmark suite {suite!r}", hint=f"use all or one of: {', '.join(SUITES)}")
+    if weights and "deploy" not in chosen:
+        raise BadInputError("--weights applies to the deploy suite", hint="shrink bench deploy --weights FILE")
     machine = machine_info()
     date = time.strftime("%Y-%m-%d %H:%M")
     started = time.perf_counter()
@@ -66,11 +69,13 @@ def run(*, suite: str = "all", output: str | None = None, quick: bool = False) -
     tables: dict[str, list[dict[str, Any]]] = {}
     for name in chosen:
         log.info(f"bench: suite {name}{' (quick)' if quick else ''}")
-        result = importlib.import_module(f"shrinkcli.bench.{name}").run(quick=quick)
+        extra = {"weights": weights} if weights and name == "deploy" else {}
+        result = importlib.import_module(f"shrinkcli.bench.{name}").run(quick=quick, **extra)
         rows += result["rows"]
         tables.update(result.get("tables", {}))
     seconds = time.perf_counter() - started
     command = "shrink bench" + ("" if suite == "all" else f" {suite}") + (" --quick" if quick else "")
+    command += f" --weights {weights}" if weights else ""
     if output:
         from pathlib import Path
 
