@@ -32,7 +32,8 @@ def write(model, spec, out_dir: Path, *, onnx_graph=None, variants=("fp32",), ca
         converted = litert_torch.convert(wrapper, (example_input(spec, batch=1),))
     with temp_dir(out_dir, "tflite") as tmp:
         staged = Path(tmp) / "model.tflite"
-        converted.export(str(staged))
+        with contextlib.redirect_stdout(sys.stderr):     # its "Write Model" progress lines, off `--json` stdout
+            converted.export(str(staged))
         float_bytes = staged.read_bytes()
     written = {}
     if "fp32" in variants or "int8" in variants:
