@@ -98,7 +98,9 @@ WORKER = textwrap.dedent("""
         out["rows"] = head.num_local
         result = trainer.fit(resume={run_dir!r} + "/weights/last.pt")
         out["steps"] = result["steps"]
-    print("RESULT " + json.dumps(out), flush=True)
+    # one file per rank: lines printed by two ranks to one pipe can run together
+    with open({tmp!r} + f"/result_{mode}_{{world}}_{{rank}}.json", "w") as handle:
+        json.dump(out, handle)
 """)
 
 
@@ -113,8 +115,9 @@ def _torchrun(tmp_path, processes: int, mode: str, classes: int) -> list[dict]:
                            f"--nproc_per_node={processes}", str(script)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(results) == processes, proc.stdout[-2000:]
+    files = sorted(tmp_path.glob(f"result_{mode}_{processes}_*.json"))
+    results = [json.loads(f.read_text()) for f in files]
+    assert len(results) == processes, (proc.stdout[-2000:], proc.stderr[-2000:])
     return sorted(results, key=lambda r: r["rank"])
 
 
