@@ -119,6 +119,9 @@ embed_loss = "angular"
     ("seeds = [0]", '[experiment.variants."../out"]\nembed_loss = "none"', "not usable as a folder name"),
     ("seeds = [0]", "[experiment.variants.v2]\nembed_los = \"none\"", "unknown key(s) embed_los"),
     ("seeds = [0]", "[experiment.variants.v2]\nembed_weight = -1", "embed_weight=-1.0 is out of range"),
+    ('seeds = [0]\nonly = ["nope"]', "", "only names unknown variant(s) nope"),
+    ('seeds = [0]\nonly = ["v2"]', "[experiment.variants.v2]\nembed_weight = 2", "only leaves out the baseline"),
+    ("seeds = [0]\nonly = []", "", "only must be a non-empty list"),
 ])
 def test_experiment_tables_are_checked_before_the_teacher_trains(extra, variant, needle, tmp_path):
     recipe = tmp_path / "study.toml"

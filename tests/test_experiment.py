@@ -68,6 +68,13 @@ def test_experiment_runs_variants_and_seeds_then_skips_them(tmp_path):
     actions = {row["run"]: row["action"] for row in json.loads(second.stdout)["tables"]["runs"]}
     assert set(actions.values()) == {"skipped (up to date)"}
 
+    only = CliRunner().invoke(app, [*args, "--set", 'experiment.only=["baseline"]'])
+    assert only.exit_code == 0, only.output
+    tables = json.loads(only.stdout)["tables"]
+    assert [row["run"] for row in tables["runs"]] == ["teacher", "distill-baseline-s0", "distill-baseline-s1"]
+    table = next(v for k, v in tables.items() if k.startswith("accuracy"))
+    assert {row["model"] for row in table} == {"teacher", "baseline"}
+
 
 def test_variant_contrasts_call_seed_scatter_noise():
     import numpy as np

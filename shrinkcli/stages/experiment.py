@@ -6,12 +6,14 @@ Run by `shrink pipeline RECIPE` when the recipe has an `[experiment]` table:
     seeds = [0, 1, 2]
     baseline = "baseline"            # the variant every other one is compared with
     pairs = "lfw-half:../shared/data/lfw"
+    only = ["baseline", "embed"]     # optional: train and report just these variants
     [experiment.variants.baseline]   # keys override [distill] for this variant
     embed_loss = "none"
     stage_loss = "none"
 
-Every run lives in `<parent>/teacher` and `<parent>/distill-<variant>-s<seed>`, is skipped when up to
-date and resumed when interrupted, so the study can be stopped and restarted at any time. Each
+Runs go seed by seed (every variant at the first seed, then the next seed), so a study stopped
+early already compares every variant. Every run lives in `<parent>/teacher` and
+`<parent>/distill-<variant>-s<seed>`, is skipped when up to date and resumed when interrupted, so the study can be stopped and restarted at any time. Each
 model is scored on the same pairs with its own cross-validated thresholds; a variant's gain over
 the baseline gets two 95% paired-bootstrap CIs: over pairs (seed-group mean correctness per pair),
 which says how sure the difference is on this test set, and over pairs and seeds, which also
@@ -40,10 +42,10 @@ def _plan(recipe: dict[str, Any]) -> tuple[list[int], str, str, dict[str, dict[s
     from shrinkcli.config import stage_config_from_recipe
 
     spec = recipe["experiment"]
-    unknown = sorted(set(spec) - {"seeds", "baseline", "pairs", "variants", "bootstrap"})
+    unknown = sorted(set(spec) - {"seeds", "baseline", "pairs", "variants", "bootstrap", "only"})
     if unknown:
         raise BadInputError(f"recipe [experiment]: unknown key(s) {', '.join(unknown)}",
-                            hint="valid keys: seeds, baseline, pairs, variants, bootstrap")
+                            hint="valid keys: seeds, baseline, pairs, variants, bootstrap, only")
     variants = spec.get("variants") or {}
     if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
         raise BadInputError("recipe [experiment]: variants must be tables ([experiment.variants.NAME])")
@@ -52,6 +54,18 @@ def _plan(recipe: dict[str, Any]) -> tuple[list[int], str, str, dict[str, dict[s
     baseline = spec.get("baseline", "baseline")
     if not isinstance(baseline, str) or baseline not in variants:
         raise BadInputError(f"recipe [experiment]: baseline variant {baseline!r} is not in [experiment.variants]")
+    only = spec.get("only")
+    if only is not None:
+        if not isinstance(only, list) or not only or not all(isinstance(n, str) for n in only):
+            raise BadInputError(f"recipe [experiment]: only must be a non-empty list of variant names, got {only!r}")
+        missing = [n for n in only if n not in variants]
+        if missing:
+            raise BadInputError(f"recipe [experiment]: only names unknown variant(s) {', '.join(missing)}",
+                                hint=f"variants: {', '.join(variants)}")
+        if baseline not in only:
+            raise BadInputError(f"recipe [experiment]: only leaves out the baseline {baseline!r}",
+                                hint="every gain is measured against the baseline; add it to the list")
+        variants = {name: changes for name, changes in variants.items() if name in only}
     if not spec.get("pairs") or not isinstance(spec["pairs"], str):
         raise BadInputError("recipe [experiment]: no pairs to evaluate on", hint='e.g. pairs = "lfw-half:ROOT"')
     seeds = spec.get("seeds", [0])
@@ -116,8 +130,8 @@ def run(recipe: dict[str, Any], parent: Path, options: RunOptions) -> dict[str, 
     rows = [{"run": "teacher", "action": action, "seconds": seconds}]
     teacher = _score(teacher_dir, pairs_spec, cache)
     groups: dict[str, list[dict[str, Any]]] = {}
-    for name, changes in variants.items():
-        for seed in seeds:
+    for seed in seeds:
+        for name, changes in variants.items():
             table = {**recipe.get("distill", {}), **changes, "seed": seed}
             config = stage_config_from_recipe({**recipe, "distill": table}, "distill", f"variant {name}")
             config = config.replace("experiment", teacher=str(teacher_dir))
