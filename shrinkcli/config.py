@@ -233,6 +233,7 @@ class TrainConfig(Config):
     gamma: float = opt(0.1, gt=0, help='Step-schedule factor.')
     poly_power: float = opt(2.0, gt=0, help='Exponent of the poly schedule.')
     clip_grad: Optional[float] = opt(5.0, gt=0, help='Clip the gradient norm to this value (none: no clipping).')
+    head_update: Literal["sparse", "dense"] = opt("sparse", help='With sample_rate < 1: update only the sampled centres and their momentum (sparse, the PartialFC paper) or every row (dense).')
     amp: AmpMode = opt("auto", help='Mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16 or off.')
     channels_last: bool = opt(True, help='Run convolutions in channels_last memory format.')
     seed: int = opt(0, ge=0, le=2**32 - 1, help='Random seed of weights, sampling and flips.')

@@ -75,6 +75,53 @@ def test_partial_fc_gradient_touches_only_sampled_centres():
     assert set(touched.tolist()) <= set(chosen.tolist())
 
 
+def _row_sparse_run(steps: int, *, bound: bool):
+    """A linear 'backbone' + sampled CosFace head, SGD with momentum and weight decay; with `bound`
+    the head updates its sampled rows itself, else a hand-written row-sparse SGD does."""
+    torch.manual_seed(0)
+    head, backbone = MarginHead(8, 50, kind="cosface", scale=16.0, sample_rate=0.2), torch.nn.Linear(4, 8)
+    params = [backbone.weight, head.weight] if bound else [backbone.weight]
+    optimizer = torch.optim.SGD([{"params": params, "weight_decay": 5e-4}, {"params": [backbone.bias]}],
+                                lr=0.1, momentum=0.9)
+    if bound:
+        head.bind_optimizer(optimizer)
+    centres, momentum = head.weight.detach().clone(), torch.zeros(50, 8)
+    generator, touched = torch.Generator().manual_seed(1), []
+    for _ in range(steps):
+        x, y = torch.randn(6, 4, generator=generator), torch.randint(0, 50, (6,), generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        if bound:
+            head(backbone(x), y).backward()
+            optimizer.step()
+            continue
+        chosen, local = head.sample_centres(y)
+        rows = centres[chosen].clone().requires_grad_()
+        cosine = F.linear(F.normalize(backbone(x)), F.normalize(rows)).clamp(-1, 1)
+        logits = cosine.scatter(1, local.view(-1, 1), cosine.gather(1, local.view(-1, 1)) - 0.35) * 16.0
+        F.cross_entropy(logits, local).backward()
+        optimizer.step()
+        with torch.no_grad():
+            momentum[chosen] = 0.9 * momentum[chosen] + rows.grad + 5e-4 * rows
+            centres[chosen] = rows - 0.1 * momentum[chosen]
+        touched.append(chosen)
+    if bound:
+        head.flush_rows()
+        return head.weight.detach(), optimizer.state[head.weight]["momentum_buffer"], None
+    return centres, momentum, touched
+
+
+def test_a_bound_sampled_head_updates_only_its_rows_and_their_momentum():
+    centres, momentum, _ = _row_sparse_run(4, bound=True)
+    expected_centres, expected_momentum, touched = _row_sparse_run(4, bound=False)
+    assert centres.shape == momentum.shape == (50, 8)     # flushed: the full matrix and its full state
+    assert torch.allclose(centres, expected_centres, atol=1e-5)
+    assert torch.allclose(momentum, expected_momentum, atol=1e-5)
+    untouched = sorted(set(range(50)) - set(torch.cat(touched).tolist()))
+    initial, _, _ = _row_sparse_run(0, bound=False)
+    assert untouched and torch.equal(centres[untouched], initial[untouched])   # no decay, no momentum
+    assert not momentum[untouched].any()
+
+
 @pytest.mark.parametrize("kind", ["arcface", "cosface"])
 def test_training_with_the_head_separates_classes(kind):
     torch.manual_seed(4)

@@ -3,8 +3,10 @@
 One child process per world size runs every class count in increasing order: 1 process directly,
 2 processes under `torchrun` (gloo, the sharded head of shrinkcli.losses.partial_fc). A step is what
 the Trainer does: backbone forward (DDP at 2 ranks), margin head at sample rate 0.1, backward, SGD
-with momentum and weight decay; its time is the median over timed steps after warm-up, the slowest
-rank's. Head memory per rank is counted from the tensors (centres + gradient + momentum, float32);
+with momentum and weight decay, each class count twice: with the row-sparse head update (the
+default, `head_update = "sparse"`) and with the dense one; its time is the median over timed steps
+after warm-up, the slowest rank's. Head memory per rank is counted from the tensors (centres +
+momentum, + the dense gradient in dense mode, float32);
 peak RSS is the process's high-water mark after that class count (counts run in increasing order,
 so each is dominated by its own).
 """
@@ -65,38 +67,48 @@ def run_part(quick: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     nan = float("nan")
 
-    def step(world: int, count: int) -> float:
-        if not results[world]:
-            return nan
-        return max(rank[classes.index(count)]["step_s"] for rank in results[world]) * 1000
+    def entry(rank: list[dict[str, Any]], count: int, update: str) -> dict[str, Any]:
+        return next(e for e in rank if e["classes"] == count and e["update"] == update)
 
-    def head_mib(world: int, count: int) -> float:
+    def step(world: int, count: int, update: str = "sparse") -> float:
         if not results[world]:
             return nan
-        return max(rank[classes.index(count)]["head_bytes"] for rank in results[world]) / 2**20
+        return max(entry(rank, count, update)["step_s"] for rank in results[world]) * 1000
+
+    def head_mib(world: int, count: int, update: str = "sparse") -> float:
+        if not results[world]:
+            return nan
+        return max(entry(rank, count, update)["head_bytes"] for rank in results[world]) / 2**20
 
     for world in (1, 2):
         a, b = step(world, large), step(world, small)
         rows.append(ratio_row(SUITE, f"partialfc: step at {large:,} / {small:,} classes, {world} rank(s)",
                               a=f"{large:,} ms", a_value=a, b=f"{small:,} ms", b_value=b, unit="ms",
                               ratio=a / b if b else nan, target=2.0, higher_is_better=False,
+                              settings=f"{status[world]}; sparse update; {about}"))
+        a, b = step(world, large, "sparse"), step(world, large, "dense")
+        rows.append(ratio_row(SUITE, f"partialfc: sparse / dense update at {large:,} classes, {world} rank(s)",
+                              a="sparse ms", a_value=a, b="dense ms", b_value=b, unit="ms",
+                              ratio=a / b if b else nan, target=None, higher_is_better=False,
                               settings=f"{status[world]}; {about}"))
     a, b = head_mib(2, large), head_mib(1, large)
     rows.append(ratio_row(SUITE, f"partialfc: head memory per rank at {large:,} classes, 2 / 1 ranks",
                           a="2 ranks MiB", a_value=a, b="1 rank MiB", b_value=b, unit="MiB",
                           ratio=a / b if b else nan, target=0.5, higher_is_better=False,
-                          settings=f"{status[1]} / {status[2]}; centres + gradient + momentum, float32, largest rank"))
+                          settings=f"{status[1]} / {status[2]}; sparse update: centres + momentum, float32, largest rank"))
     for world in (1, 2):
-        for count in classes:
-            rss = max((rank[classes.index(count)]["rss_mib"] for rank in results[world]), default=nan)
-            rows.append(info_row(SUITE, f"partialfc: {count:,} classes, {world} rank(s)", a="step ms",
-                                 a_value=step(world, count), b="peak RSS MiB per rank", b_value=rss, unit="ms",
-                                 settings=f"{status[world]}; head {head_mib(world, count):.1f} MiB per rank; {about}"))
+        for update in ("sparse", "dense"):
+            for count in classes:
+                rss = max((entry(rank, count, update)["rss_mib"] for rank in results[world]), default=nan)
+                rows.append(info_row(SUITE, f"partialfc: {count:,} classes, {world} rank(s), {update} update",
+                                     a="step ms", a_value=step(world, count, update), b="peak RSS MiB per rank",
+                                     b_value=rss, unit="ms", settings=f"{status[world]}; head "
+                                     f"{head_mib(world, count, update):.1f} MiB per rank; {about}"))
     return rows
 
 
 def _child(settings: dict[str, Any], out: str) -> None:
-    """The measured process (one rank): every class count in increasing order."""
+    """The measured process (one rank): every class count in increasing order, sparse then dense."""
     import gc
     import resource
 
@@ -112,7 +124,7 @@ def _child(settings: dict[str, Any], out: str) -> None:
     info = init_distributed("cpu")
     local = settings["batch"] // info.world_size
     report = []
-    for count in settings["classes"]:
+    for count, update in [(c, u) for c in settings["classes"] for u in ("sparse", "dense")]:
         torch.manual_seed(0)
         backbone = create_model("r18", embedding_size=EMBEDDING, input_size=INPUT, width=0.125)
         head = margin_head(EMBEDDING, count, sample_rate=SAMPLE_RATE)
@@ -120,6 +132,8 @@ def _child(settings: dict[str, Any], out: str) -> None:
         if info.enabled:
             task.distribute(lambda module: wrap_ddp(module, torch.device("cpu")))
         optimizer = torch.optim.SGD(param_groups([backbone, head], 5e-4), lr=0.01, momentum=0.9)
+        if update == "sparse":
+            head.bind_optimizer(optimizer)      # as the Trainer does with head_update = "sparse"
         generator = torch.Generator().manual_seed(info.rank)
         images = torch.randn(local, 3, INPUT, INPUT, generator=generator)
         labels = torch.randint(0, count, (local,), generator=generator)
@@ -131,14 +145,18 @@ def _child(settings: dict[str, Any], out: str) -> None:
             loss, _ = task.loss(images, labels, None, None)
             loss.backward()
             optimizer.step()
+            head.flush_rows()       # done by the next forward pass anyway: timed here, in the step
             barrier()
             if index >= settings["warmup"]:
                 times.append(time.perf_counter() - started)
         times.sort()
+        head.flush_rows()
         weight = head.weight
         moments = sum(v.numel() for v in optimizer.state[weight].values() if torch.is_tensor(v) and v.ndim)
-        report.append({"classes": count, "rows": int(weight.shape[0]), "step_s": times[len(times) // 2],
-                       "head_bytes": (weight.numel() * 2 + moments) * weight.element_size(),
+        gradient = weight.numel() if update == "dense" else 0   # sparse: only k x D, freed each step
+        report.append({"classes": count, "update": update, "rows": int(weight.shape[0]),
+                       "step_s": times[len(times) // 2],
+                       "head_bytes": (weight.numel() + gradient + moments) * weight.element_size(),
                        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                        "loss": float(loss)})
         del task, backbone, head, optimizer, weight, loss

@@ -86,6 +86,12 @@ class Trainer:
         self.unclipped = [p for p in self.params if id(p) not in backbone]
         self.float_buffers = [b for m in self.modules.values() for b in m.buffers() if b.is_floating_point()]
         self.optimizer = build_optimizer(config, self.modules.values())
+        if config.head_update == "sparse":
+            # Sampled margin heads update only the sampled rows; a head replicated under DDP cannot
+            # (DDP's gradient buckets have fixed shapes), a sharded one stays outside DDP and can.
+            for module in self.modules.values():
+                if hasattr(module, "bind_optimizer") and (not self.dist.enabled or shards.sharded_modules({"m": module})):
+                    module.bind_optimizer(self.optimizer)
         self.schedule = LRSchedule.from_config(self.optimizer, config, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
         self.checks = DeferredChecks(config.nan_policy, config.max_nan_skips, 0, self.device)
@@ -149,6 +155,9 @@ class Trainer:
     def save(self, best: bool = False) -> Path | None:
         """Write weights/last.pt (and best.pt); refuse to replace a good checkpoint with non-finite weights."""
         self._flush_checks()
+        for module in self.modules.values():     # sampled rows back into the full matrix and its state
+            if hasattr(module, "flush_rows"):
+                module.flush_rows()
         ddp.average_buffers(self.modules.values())
         if not shards.all_ranks(ckpt.all_finite(self.modules), self.modules, self.device):
             raise TrainingDivergedError(f"weights became non-finite at step {self.step}; no checkpoint written",
@@ -305,10 +314,10 @@ class Trainer:
         images, labels, flipped = device_batch(images, labels, indices, flips, device=self.device,
                                                normalise=self.normalise, channels_last=self.config.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
-        state = optimizer_tensors(self.optimizer, self.params) if self.defer_checks and self.scaler is None else None
+        masked = self.defer_checks and self.scaler is None
         # A step that turns out non-finite must leave no trace: its forward pass already updated
         # BatchNorm running stats in train mode, so keep a copy to put back.
-        buffers = snapshot(self.float_buffers) if self.config.nan_policy == "skip" or state is not None else None
+        buffers = snapshot(self.float_buffers) if self.config.nan_policy == "skip" or masked else None
         with self._autocast():
             # `flipped` stays on the host (like `indices`): a cache lookup by it then needs no sync.
             loss, logs = self.task.loss(images, labels, indices, flipped)
@@ -325,9 +334,12 @@ class Trainer:
             finite = finite & torch.isfinite(grad_norm) & torch.isfinite(rest_norm)
         stats = torch.stack([loss.detach().float(), (~finite).float()])
         ddp.all_reduce_mean(stats)
+        # Only after the forward pass: a sampled head has just swapped its rows and their state in.
+        stepped = [p for p in self.params if p.grad is not None]
+        state = optimizer_tensors(self.optimizer, stepped) if masked else None
         if state is not None:
             bad = stats[1] > 0
-            masked_step(self.optimizer, self.checks.gate(bad), self.params + state, self.float_buffers, buffers)
+            masked_step(self.optimizer, self.checks.gate(bad), stepped + state, self.float_buffers, buffers)
             self.checks.add(self.step + 1, self.epoch, stats[0], bad)
             loss_value: Any = stats[0]
         else:

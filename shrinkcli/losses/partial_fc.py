@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from shrinkcli.losses.margin import MarginHead
+from shrinkcli.losses.margin import MarginHead, centre_cosines
 
 # Below this many centre values the initial matrix is drawn whole (on the host, from the global RNG,
 # exactly as MarginHead draws it), so a run starts from the same centres on any number of processes.
@@ -184,8 +183,8 @@ class ShardedMarginHead(MarginHead):
             dist.all_gather(all_labels, labels.long().contiguous(), group=group)
             targets = self._local_targets(torch.cat(all_labels))
             chosen, targets = self.sample_local(targets)
-            weight = self.weight if chosen is None else self.weight.index_select(0, chosen)
-            cosine = F.linear(F.normalize(gathered, dim=1), F.normalize(weight.float(), dim=1)).clamp(-1.0, 1.0)
+            weight = self._centres(chosen)
+            cosine = centre_cosines(gathered, weight)
             owned = (targets >= 0).view(-1, 1)
             column = targets.clamp_min(0).view(-1, 1)
             target = cosine.gather(1, column)
