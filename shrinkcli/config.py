@@ -334,7 +334,7 @@ class ExportConfig(Config):
     check: bool = opt(True, help='Parity check against the fp32 torch model (fails the command when it fails).')
     check_data: Optional[str] = opt(None, help='Real images for the parity check (a data spec).')
     check_images: int = opt(32, gt=0, le=100000, help='Images for the parity check (from check_data/calib_data or generated).')
-    min_cosine: Optional[float] = opt(None, ge=-1, help='Parity gate (default 0.9999 fp32, 0.999 fp16, 0.98 int8).')
+    min_cosine: Optional[float] = opt(None, ge=-1, help='Parity gate on the minimum per-image cosine (default 0.99999 fp32, 0.999 fp16, 0.98 int8).')
     allow_incomplete: bool = opt(False, help='Accept input run dirs whose run did not complete (failed, interrupted).')
 
     def validate(self) -> None:
@@ -360,7 +360,7 @@ class VerifyConfig(Config):
     input_size: Optional[int] = opt(None, gt=0, le=1024, help="Input side (default: the model's recorded one).")
     crop: Optional[int] = opt(None, gt=0, le=4096, help="Centre crop before resize (default: the model's recorded one).")
     folds: int = opt(10, ge=2, le=1000, help='Cross-validation folds of the verification accuracy.')
-    min_cosine: Optional[float] = opt(None, ge=-1, help='Parity gate (default 0.9999 fp32, 0.999 fp16, 0.98 int8).')
+    min_cosine: Optional[float] = opt(None, ge=-1, help='Parity gate on the minimum per-image cosine (default 0.99999 fp32, 0.999 fp16, 0.98 int8).')
     max_abs_diff: Optional[float] = opt(None, ge=0, help='Parity gate on the largest element difference.')
     min_accuracy: Optional[float] = opt(None, ge=0, le=1, help='Gate on verification accuracy (0..1).')
     max_gap: Optional[float] = opt(None, ge=-1, le=1, help='Gate on teacher minus student accuracy (0..1).')

@@ -8,6 +8,7 @@ import torch
 
 from shrinkcli.bench.timing import ROW_FIELDS, interleaved_rates, ratio_row
 from shrinkcli.errors import BadInputError
+from shrinkcli.evaluate.parity import MIN_COSINE
 from shrinkcli.stages import bench
 
 
@@ -113,7 +114,7 @@ def test_quick_deploy_suite_times_every_installed_runtime_against_onnxruntime(tm
     rows = {row["measure"]: row for row in result["rows"]}
     assert all(tuple(row) == ROW_FIELDS and row["suite"] == "deploy" for row in rows.values())
     parity = {(p["runtime"], p["variant"]): p for p in next(t for name, t in result["tables"].items() if name.startswith("deploy parity"))}
-    assert parity[("onnxruntime", "fp32")]["cosine_min"] >= 0.99999
+    assert parity[("onnxruntime", "fp32")]["min_cosine"] >= 0.99999
     for runtime in deploy.RUNTIMES:
         if not deploy.available(runtime, to_write=True):     # skipped, and the run says so
             assert f"{runtime}: skipped, its extra is not installed (the {runtime} extra of shrink)" in rows
@@ -123,7 +124,7 @@ def test_quick_deploy_suite_times_every_installed_runtime_against_onnxruntime(tm
                 continue
             row = rows[f"{runtime} {variant} vs onnxruntime {variant}, 1 thread (speed-up)"]
             assert row["a"] == "onnxruntime" and row["a_value"] > 0 and row["b_value"] > 0 and row["ratio"] > 0
-            assert parity[(runtime, variant)]["cosine_min"] >= deploy.MIN_COSINE[variant]
+            assert parity[(runtime, variant)]["min_cosine"] >= MIN_COSINE[variant]
     assert "shrink bench deploy --quick" in (tmp_path / "deploy.md").read_text()
 
 

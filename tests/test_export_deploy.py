@@ -12,7 +12,7 @@ import torch
 from shrinkcli.config import ExportConfig
 from shrinkcli.errors import BadInputError, GateFailedError
 from shrinkcli.export import deploy
-from shrinkcli.export.check import compare_embeddings, generated_pixels
+from shrinkcli.export.check import parity, generated_pixels
 from shrinkcli.models.io import save_model_safetensors
 from shrinkcli.models.registry import create_model
 from shrinkcli.rundir import RunOptions
@@ -62,7 +62,7 @@ def _runs_like_torch(weights: Path, model_file: Path) -> float:
     pixels = generated_pixels(4, SIZE, seed=3)
     runner = open_runner(str(model_file))
     assert runner.input_size == SIZE and runner.kind == deploy.SUFFIX_RUNTIME[model_file.suffix]
-    return compare_embeddings(open_runner(str(weights)).raw(pixels), runner.raw(pixels))["cosine_min"]
+    return parity(open_runner(str(weights)).raw(pixels), runner.raw(pixels))["min_cosine"]
 
 
 @_needs("openvino")
@@ -73,8 +73,8 @@ def test_openvino_fp32_fp16_int8_gated_in_openvino(weights, tmp_path):
     _run(weights, out, format="openvino", dtype="fp16", quantize="int8", calib_data="synthetic:4:4:0",
          min_cosine=0.9)
     parity = _manifest(out)["results"]["parity"]
-    assert parity["openvino"]["cosine_min"] >= 0.9999 and parity["openvino-fp16"]["cosine_min"] >= 0.999
-    assert parity["openvino-int8"]["cosine_min"] >= 0.9 and parity["openvino-int8"]["passed"]
+    assert parity["openvino"]["min_cosine"] >= 0.9999 and parity["openvino-fp16"]["min_cosine"] >= 0.999
+    assert parity["openvino-int8"]["min_cosine"] >= 0.9 and parity["openvino-int8"]["passed"]
     assert {o["kind"] for o in _manifest(out)["outputs"]} >= {"openvino", "openvino-weights", "openvino-metadata",
                                                               "openvino-fp16", "openvino-int8"}
     meta = json.loads((out / "model.xml.json").read_text())
@@ -91,7 +91,7 @@ def test_ncnn_fp32_gated_in_ncnn(weights, tmp_path):
     report = _run(weights, out, format="ncnn", quantize="int8")     # no int8 tool for ncnn: fp32 only
     assert sorted(p.name for p in out.glob("model.ncnn*")) == ["model.ncnn.bin", "model.ncnn.param",
                                                                "model.ncnn.param.json"]
-    assert _manifest(out)["results"]["parity"]["ncnn"]["cosine_min"] >= 0.9999
+    assert _manifest(out)["results"]["parity"]["ncnn"]["min_cosine"] >= 0.9999
     assert report["summary"]["status"] == "ok"
     assert _runs_like_torch(weights, out / "model.ncnn.param") >= 0.9999
 
@@ -101,7 +101,7 @@ def test_tflite_fp32_and_int8_gated_in_litert(weights, tmp_path):
     out = tmp_path / "tflite"
     _run(weights, out, format="tflite", quantize="int8", calib_data="synthetic:4:4:0", min_cosine=0.85)
     parity = _manifest(out)["results"]["parity"]
-    assert parity["tflite"]["cosine_min"] >= 0.9999 and parity["tflite-int8"]["passed"]
+    assert parity["tflite"]["min_cosine"] >= 0.9999 and parity["tflite-int8"]["passed"]
     assert _runs_like_torch(weights, out / "model.tflite") >= 0.9999
 
 

@@ -60,7 +60,7 @@ def test_export_all_variants_with_manifest(weights, tmp_path):
                              "--set", "min_cosine=0.94")
     assert result.exit_code == 0, result.output
     summary = json.loads(stdout)["summary"]
-    assert summary["status"] == "ok" and summary["fp32_cosine_min"] >= 0.99999
+    assert summary["status"] == "ok" and summary["fp32_min_cosine"] >= 0.99999
     manifest = _manifest(out)
     assert manifest["status"] == "completed" and manifest["stage"] == "export"
     from shrinkcli.export import deploy
@@ -70,16 +70,16 @@ def test_export_all_variants_with_manifest(weights, tmp_path):
     expected |= {deploy.kind_of(r, v) for r in runtimes for v in ("fp32", "fp16", "int8") if v in deploy.FILES[r]}
     assert {o["kind"] for o in manifest["outputs"] if not o["kind"].endswith(("-metadata", "-weights"))} == expected
     for runtime in runtimes:     # every runtime file was gated in its runtime, fp32 at the fp32 bound
-        assert manifest["results"]["parity"][runtime]["cosine_min"] >= 0.9999
+        assert manifest["results"]["parity"][runtime]["min_cosine"] >= 0.9999
         if "int8" in deploy.FILES[runtime]:
-            assert manifest["results"]["parity"][f"{runtime}-int8"]["cosine_min"] >= 0.94
+            assert manifest["results"]["parity"][f"{runtime}-int8"]["min_cosine"] >= 0.94
     for runtime in sorted(set(deploy.RUNTIMES) - set(runtimes)):
         assert f'pip install "shrink[{runtime}]"' in result.output
     [source] = manifest["inputs"]
     assert source["kind"] == "weights" and Path(source["path"]) == weights.resolve()
     parity = manifest["results"]["parity"]
-    assert parity["fp32"]["cosine_min"] >= 0.99999 and parity["fp16"]["cosine_min"] >= 0.999
-    assert parity["int8"]["cosine_min"] >= 0.95 and parity["int8"]["images_from"] == "synthetic:4:4:0"
+    assert parity["fp32"]["min_cosine"] >= 0.99999 and parity["fp16"]["min_cosine"] >= 0.999
+    assert parity["int8"]["min_cosine"] >= 0.95 and parity["int8"]["images_from"] == "synthetic:4:4:0"
     assert parity["int8"]["min_cosine_required"] == 0.94
     assert manifest["results"]["quantization"] == {"method": "static-qdq", "calibration_images": 16, "fp32_nodes": 3}
     sizes = manifest["results"]["sizes_bytes"]
@@ -191,3 +191,25 @@ def test_fp32_and_int8_files_come_from_one_torch_export(weights, tmp_path, monke
     assert len(calls) == 1
     ops = [node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node]
     assert "PRelu" not in ops and ops.count("Mul") > ops.count("Relu")       # split: two Muls per PReLU
+
+
+def test_export_self_check_and_verify_are_one_parity_check(weights, tmp_path):
+    """Same generated images for the same seed, same thresholds, same keys, same numbers."""
+    from shrinkcli.evaluate.images import generated_pixels
+    from shrinkcli.evaluate.parity import MIN_COSINE
+
+    assert (generated_pixels(8, SIZE, seed=0) == generated_pixels(16, SIZE, seed=0)[:8]).all()
+    assert not (generated_pixels(8, SIZE, seed=1) == generated_pixels(8, SIZE, seed=0)).all()
+    out = tmp_path / "export"
+    result, _ = _export("--weights", str(weights), "--run-dir", str(out), "--set", "check_images=8")
+    assert result.exit_code == 0, result.output
+    exported = _manifest(out)["results"]["parity"]["fp32"]
+    verified = runner.invoke(app, ["--json", "verify", "--model", str(out / "model.onnx"), "--reference", str(weights),
+                                   "--run-dir", str(tmp_path / "verify"), "--set", "parity_images=8"])
+    assert verified.exit_code == 0, verified.output
+    checked = json.loads((tmp_path / "verify" / "report.json").read_text())["parity"]
+    shared = {"min_cosine", "mean_cosine", "max_abs_diff", "min_cosine_required", "passed", "finite"}
+    assert shared <= set(exported) and shared <= set(checked)
+    assert exported["min_cosine_required"] == checked["min_cosine_required"] == MIN_COSINE["fp32"] == 0.99999
+    assert exported["min_cosine"] == pytest.approx(checked["min_cosine"], abs=1e-7)
+    assert exported["max_abs_diff"] == pytest.approx(checked["max_abs_diff"], abs=1e-6)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _helpers import calibrated_model
-from shrinkcli.export.check import (compare_embeddings, generated_pixels, onnx_embeddings, parity_check,
+from shrinkcli.export.check import (parity, generated_pixels, onnx_embeddings, parity_check,
                                     torch_embeddings)
 from shrinkcli.errors import BadInputError
 from shrinkcli.export.fp16 import convert_fp16
@@ -37,7 +37,7 @@ def test_dynamic_batch(mfn_export, batch):
     pixels = generated_pixels(batch, SIZE, seed=batch)
     out = onnx_embeddings(path, spec, pixels, batch_size=batch)
     assert out.shape == (batch, model.embedding_size)
-    assert compare_embeddings(torch_embeddings(model, spec, pixels), out)["cosine_min"] >= 0.99999
+    assert parity(torch_embeddings(model, spec, pixels), out)["min_cosine"] >= 0.99999
 
 
 def test_single_file_and_metadata(mfn_export):
@@ -108,7 +108,7 @@ def test_int8_static_and_dynamic(mfn_export, tmp_path):
         # An untrained width-0.25 network is a harsh case for 8 bits; trained models do better.
         # Its 7-bit weights (shrinkcli.export.quantize) measured min 0.933-0.950 over four random
         # draws of this network, the int16 saturation they prevent 0.73-0.88: 0.92 tells them apart.
-        assert result["cosine_min"] >= 0.92 and result["cosine_mean"] >= 0.96, (name, result)
+        assert result["min_cosine"] >= 0.92 and result["mean_cosine"] >= 0.96, (name, result)
         meta = read_metadata(tmp_path / name)
         assert meta["dtype"] == "int8" and meta["architecture"] == "mobilefacenet"
     assert not list(tmp_path.glob("*.data")) and not list(tmp_path.glob("shrink-int8-*"))
@@ -134,7 +134,7 @@ def test_int8_kernels_agree_with_their_own_qdq_arithmetic(mfn_export, tmp_path):
         session = ort.InferenceSession(str(tmp_path / "s8.onnx"), options, providers=["CPUExecutionProvider"])
         outputs.append(session.run(None, {"input": feed})[0])
     # Measured over four random draws: 0.994-1.0 (requantisation rounding) vs 0.75-0.87 saturated.
-    assert compare_embeddings(outputs[1], outputs[0])["cosine_min"] >= 0.99
+    assert parity(outputs[1], outputs[0])["min_cosine"] >= 0.99
 
 def test_failed_parity_is_reported(mfn_export):
     model, spec, path = mfn_export
@@ -143,5 +143,5 @@ def test_failed_parity_is_reported(mfn_export):
         first_conv = next(m for m in sabotaged.modules() if isinstance(m, torch.nn.Conv2d))
         first_conv.weight.mul_(-1.0)
     result = parity_check(sabotaged, path, spec, generated_pixels(4, SIZE), variant="fp32")
-    assert not result["passed"] and result["cosine_min"] < 0.99999
+    assert not result["passed"] and result["min_cosine"] < 0.99999
     assert parity_check(model, path, spec, generated_pixels(4, SIZE), variant="fp32", min_cosine=1.01)["passed"] is False

@@ -96,7 +96,7 @@ def test_failed_gate_stops_with_exit_1(finished):
 def test_options_added_later_at_their_default_keep_finished_runs_up_to_date(tmp_path):
     from shrinkcli.config import DistillConfig
     from shrinkcli.rundir import RunDir
-    from shrinkcli.stages.pipeline import stage_state
+    from shrinkcli.stages.staleness import stage_state
 
     config = DistillConfig(teacher="t.safetensors", data="synthetic:2:2:0")
     saved = config.to_dict()

@@ -105,7 +105,8 @@ def _write_files(model, spec, tmp: Path, calib: np.ndarray) -> tuple[dict[tuple[
 
 def run(quick: bool = False, weights: str | None = None, **_: Any) -> dict[str, Any]:
     from shrinkcli.export import deploy
-    from shrinkcli.export.check import compare_embeddings, torch_embeddings
+    from shrinkcli.evaluate.parity import gate
+    from shrinkcli.export.check import torch_embeddings
     from shrinkcli.export.onnx_export import GraphSpec
 
     timed_count, calib_count = (4, 8) if quick else (32, 64)
@@ -132,12 +133,11 @@ def run(quick: bool = False, weights: str | None = None, **_: Any) -> dict[str, 
                              else _runtime_runner(key[0], path, threads)) for key, path in files.items()}
             if threads == thread_counts[0]:
                 for (runtime, variant), runner in runners.items():
-                    check = compare_embeddings(reference, runner(inputs[(runtime, variant)]))
+                    check = gate(reference, runner(inputs[(runtime, variant)]), variant)
                     parity.append({"runtime": runtime, "variant": variant, "file": files[(runtime, variant)].name,
-                                   "cosine_min": round(check["cosine_min"], 6),
-                                   "cosine_mean": round(check["cosine_mean"], 6),
-                                   "gate": deploy.MIN_COSINE[variant] if runtime != "onnxruntime" else
-                                   {"fp32": 0.99999, "int8": 0.98}[variant]})
+                                   "min_cosine": round(check["min_cosine"], 6),
+                                   "mean_cosine": round(check["mean_cosine"], 6),
+                                   "gate": check["min_cosine_required"], "passed": check["passed"]})
             workloads = {key: (lambda r=runner, x=inputs[key]: len(r(x))) for key, runner in runners.items()}
             rates = interleaved_rates(workloads, repeats=repeats, warmup=1)
             for (runtime, variant), rate in rates.items():

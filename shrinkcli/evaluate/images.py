@@ -39,18 +39,23 @@ def parity_pixels(spec: str | None, count: int, *, input_size: int, crop: int | 
 
 
 def generated_pixels(count: int, input_size: int, seed: int = 0) -> np.ndarray:
-    """Seeded smooth colour images with mild noise: closer to photos than white noise."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.uniform(0, 255, (count, 3, 8, 8))
+    """Seeded smooth colour images with mild noise: closer to photos than white noise.
+
+    Image i depends only on (seed, i): the 32 images of an export check are the first 32 of a
+    verify's 64 with the same seed."""
     scale = input_size / 8
     grid = (np.arange(input_size) + 0.5) / scale - 0.5
     lo = np.clip(np.floor(grid).astype(int), 0, 7)
     hi = np.clip(lo + 1, 0, 7)
     w = np.clip(grid - lo, 0, 1)
-    rows = coarse[:, :, lo, :] * (1 - w)[:, None] + coarse[:, :, hi, :] * w[:, None]
-    images = rows[:, :, :, lo] * (1 - w) + rows[:, :, :, hi] * w
-    images = images + rng.normal(0, 12, images.shape)
-    return np.clip(np.round(images), 0, 255).astype(np.uint8)
+    images = np.empty((count, 3, input_size, input_size), dtype=np.uint8)
+    for index in range(count):
+        rng = np.random.default_rng([seed, index])
+        coarse = rng.uniform(0, 255, (3, 8, 8))
+        rows = coarse[:, lo, :] * (1 - w)[:, None] + coarse[:, hi, :] * w[:, None]
+        image = rows[:, :, lo] * (1 - w) + rows[:, :, hi] * w + rng.normal(0, 12, (3, input_size, input_size))
+        images[index] = np.clip(np.round(image), 0, 255)
+    return images
 
 
 def embedded_chunks(runner: Any, dataset: Any, *, chunk: int = 1024, batch_size: int = 64,

@@ -3,7 +3,8 @@
 Both sides see the same uint8 images: torch gets (x - mean) / std as in training, the graph gets
 whatever its input format is (uint8 when preprocessing is inside it). Per image we compare the
 embeddings by cosine similarity; the gate is on the *minimum* cosine, because one bad image is a
-bad deployment.
+bad deployment. Comparison, thresholds and images are those of `shrink verify`
+(shrinkcli.evaluate.parity, shrinkcli.evaluate.images).
 """
 
 from __future__ import annotations
@@ -14,24 +15,9 @@ import numpy as np
 import torch
 
 from shrinkcli.errors import BadInputError
+from shrinkcli.evaluate.images import generated_pixels
+from shrinkcli.evaluate.parity import MIN_COSINE, gate, parity
 from shrinkcli.export.onnx_export import INPUT_NAME, GraphSpec
-
-# Minimum per-image cosine similarity (torch fp32 vs the exported graph) per variant.
-DEFAULT_MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.98}
-
-
-def generated_pixels(count: int, input_size: int, seed: int = 0) -> np.ndarray:
-    """Seeded smooth colour images (uint8 NCHW), used when no real images are given.
-
-    Low-frequency patterns plus mild noise exercise the network more like photos do than white noise.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(count, 3, 8, 8, generator=generator) * 255
-    images = torch.nn.functional.interpolate(coarse, size=(input_size, input_size), mode="bilinear",
-                                             align_corners=False)
-    images = images + torch.randn(images.shape, generator=generator) * 12
-    return images.clamp(0, 255).round().to(torch.uint8).numpy()
-
 
 def load_pixels(data_spec: str, count: int, *, input_size: int, crop: int | None = None) -> np.ndarray:
     """`count` images (evenly spread over the dataset) from a data spec, as uint8 RGB NCHW."""
@@ -77,23 +63,13 @@ def onnx_embeddings(path_or_session, spec: GraphSpec, pixels: np.ndarray, batch_
     return np.concatenate(outputs)
 
 
-def compare_embeddings(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    reference = reference.astype(np.float64)
-    candidate = candidate.astype(np.float64)
-    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
-    cosine = (reference * candidate).sum(axis=1) / np.maximum(norms, 1e-12)
-    return {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
-            "max_abs_diff": float(np.abs(reference - candidate).max()), "images": int(len(cosine)),
-            "finite": bool(np.isfinite(candidate).all())}
-
-
 def parity_check(model, onnx_path: str | Path, spec: GraphSpec, pixels: np.ndarray, *, variant: str,
                  min_cosine: float | None = None, reference: np.ndarray | None = None) -> dict:
     """Compare the graph at `onnx_path` with `model`; `passed` is min cosine >= the variant's threshold."""
-    threshold = DEFAULT_MIN_COSINE[variant] if min_cosine is None else float(min_cosine)
     if reference is None:
         reference = torch_embeddings(model, spec, pixels)
-    result = compare_embeddings(reference, onnx_embeddings(onnx_path, spec, pixels))
-    result["min_cosine_required"] = threshold
-    result["passed"] = bool(result["finite"] and result["cosine_min"] >= threshold)
-    return result
+    return gate(reference, onnx_embeddings(onnx_path, spec, pixels), variant, min_cosine)
+
+
+__all__ = ["MIN_COSINE", "generated_pixels", "load_pixels", "onnx_embeddings", "onnx_session", "parity",
+           "parity_check", "torch_embeddings"]

@@ -30,9 +30,6 @@ FILES = {
     "tflite": {"fp32": "model.tflite", "int8": "model-int8.tflite"},
 }
 SUFFIX_RUNTIME = {".param": "ncnn", ".xml": "openvino", ".tflite": "tflite"}
-# Gates in the runtime: fp32 against torch is arithmetic reordering only; fp16 keeps ~3 decimal
-# digits; int8 as ONNX int8 (shrinkcli.export.check.DEFAULT_MIN_COSINE).
-MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98}
 
 
 def available(runtime: str, *, to_write: bool = False) -> bool:
@@ -84,13 +81,9 @@ def embed(path: str | Path, inputs: np.ndarray, *, threads: int = 1) -> np.ndarr
 def gate(path: Path, variant: str, inputs: np.ndarray, reference: np.ndarray,
          min_cosine: float | None) -> dict[str, Any]:
     """Parity of the file at `path`, run in its runtime, against the torch embeddings `reference`."""
-    from shrinkcli.export.check import compare_embeddings
+    from shrinkcli.evaluate.parity import gate as parity_gate
 
-    threshold = MIN_COSINE[variant] if min_cosine is None else float(min_cosine)
-    result = compare_embeddings(reference, embed(path, inputs))
-    result["min_cosine_required"] = threshold
-    result["passed"] = bool(result["finite"] and result["cosine_min"] >= threshold)
-    return result
+    return parity_gate(reference, embed(path, inputs), variant, min_cosine)
 
 
 def variants_for(runtime: str, config) -> list[str]:

@@ -79,7 +79,7 @@ def _parity_pixels(config: ExportConfig, spec, crop: int | None):
     source = config.check_data or config.calib_data
     if source:
         return load_pixels(source, config.check_images, input_size=spec.input_size, crop=crop), source
-    return generated_pixels(config.check_images, spec.input_size), "generated"
+    return generated_pixels(config.check_images, spec.input_size, seed=0), "generated"
 
 
 def _write_onnx_variants(model, meta, source: Artifact, config: ExportConfig, spec, out: RunDir) -> dict:
@@ -133,7 +133,7 @@ def _check_variants(model, written: dict[str, Path], config: ExportConfig, spec,
         result["images_from"] = origin
         results[variant] = result
         state = "ok" if result["passed"] else "FAILED"
-        log.info(f"parity {variant}: cosine min {result['cosine_min']:.6f} mean {result['cosine_mean']:.6f} "
+        log.info(f"parity {variant}: cosine min {result['min_cosine']:.6f} mean {result['mean_cosine']:.6f} "
                  f"(need >= {result['min_cosine_required']}) {state}")
     return results
 
@@ -214,7 +214,7 @@ def _export(model, meta, source: Artifact, config: ExportConfig, spec, out: RunD
     report = _report(results, written, out)
     if failed:
         out.finish("failed")
-        details = ", ".join(f"{v} min cosine {results['parity'][v]['cosine_min']:.6f} < "
+        details = ", ".join(f"{v} min cosine {results['parity'][v]['min_cosine']:.6f} < "
                             f"{results['parity'][v]['min_cosine_required']}" for v in failed)
         raise GateFailedError(f"export parity check failed: {details}",
                               hint=f"artifacts kept in {out.path} for inspection; --no-check skips the check",
@@ -235,11 +235,11 @@ def _report(results: dict[str, Any], written: dict[str, Path], out: RunDir) -> d
         else:
             verdict = "skipped"
         rows.append({"file": path.name, "kind": kind, "size_mb": round(path.stat().st_size / 2**20, 3),
-                     "cosine_min": check.get("cosine_min", ""), "cosine_mean": check.get("cosine_mean", ""),
+                     "min_cosine": check.get("min_cosine", ""), "mean_cosine": check.get("mean_cosine", ""),
                      "max_abs_diff": check.get("max_abs_diff", ""), "check": verdict})
     summary = {"run_dir": str(out.path), "source": results["source"], "arch": results["arch"]}
     for variant, check in parity.items():
-        summary[f"{variant}_cosine_min"] = check["cosine_min"]
+        summary[f"{variant}_min_cosine"] = check["min_cosine"]
     summary["status"] = "ok" if all(c["passed"] for c in parity.values()) else "check failed"
     return {"summary": summary, "tables": {"exported artifacts": rows}}
 
@@ -280,8 +280,8 @@ def _write_runtimes(runtimes, model, meta, source: Artifact, config: ExportConfi
             result = deploy.gate(path, variant, rspec.graph_input(pixels), reference, config.min_cosine)
             result["images_from"] = origin
             parity[kind] = result
-            log.info(f"parity {kind} (in {runtime}): cosine min {result['cosine_min']:.6f} mean "
-                     f"{result['cosine_mean']:.6f} (need >= {result['min_cosine_required']}) "
+            log.info(f"parity {kind} (in {runtime}): cosine min {result['min_cosine']:.6f} mean "
+                     f"{result['mean_cosine']:.6f} (need >= {result['min_cosine_required']}) "
                      f"{'ok' if result['passed'] else 'FAILED'}")
     results["parity"] = parity if config.check else "skipped (--no-check)"
     return written

@@ -20,7 +20,7 @@ from shrinkcli.errors import BadInputError
 from shrinkcli.rundir import MANIFEST, RunDir, RunOptions, check_name, load_manifest
 from shrinkcli.stages import experiment
 from shrinkcli.stages.registry import STAGES
-from shrinkcli.stages.staleness import prepare_stage, stage_state  # noqa: F401  (stage_state: public API)
+from shrinkcli.stages.staleness import prepare_stage
 
 PIPELINE_STAGES = ("teacher", "distill", "export", "verify")
 BUILTIN_RECIPE = "quickstart.toml"

@@ -16,10 +16,6 @@ from shrinkcli.config import VerifyConfig
 from shrinkcli.errors import BadInputError, GateFailedError
 from shrinkcli.rundir import RunDir, RunOptions
 
-# Parity gates per weight dtype: fp16 and int8 round weights and activations by design.
-DEFAULT_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98}  # int8 as the export check
-
-
 def _reference_from_run(source: str) -> str | None:
     """An export run dir records the weights it exported: the natural parity reference."""
     from shrinkcli.rundir import load_manifest, verify_recorded_inputs
@@ -54,7 +50,7 @@ def _describe(runner, latency_seconds: float) -> dict[str, Any]:
 
 def _check_parity(model, reference, config: VerifyConfig, crop) -> dict[str, Any]:
     from shrinkcli.evaluate.images import parity_pixels
-    from shrinkcli.evaluate.parity import parity
+    from shrinkcli.evaluate.parity import gate
 
     if reference.input_size != model.input_size:
         raise BadInputError(f"reference input size {reference.input_size} differs from the model's {model.input_size}",
@@ -63,10 +59,9 @@ def _check_parity(model, reference, config: VerifyConfig, crop) -> dict[str, Any
 
     images = None if is_store(config.data) else config.data   # a store holds no pixels: generated images
     pixels, origin = parity_pixels(images, config.parity_images, input_size=model.input_size, crop=crop)
-    result = parity(model.raw(pixels, batch_size=config.batch_size), reference.raw(pixels, batch_size=config.batch_size))
-    result.update(images_from=origin, reference=str(reference.path),
-                  min_cosine_required=config.min_cosine if config.min_cosine is not None else DEFAULT_MIN_COSINE[model.dtype],
-                  max_abs_diff_allowed=config.max_abs_diff)
+    result = gate(reference.raw(pixels, batch_size=config.batch_size), model.raw(pixels, batch_size=config.batch_size),
+                  model.dtype, config.min_cosine)
+    result.update(images_from=origin, reference=str(reference.path), max_abs_diff_allowed=config.max_abs_diff)
     log.info(f"parity vs {reference.path.name}: cosine min {result['min_cosine']:.6f} mean {result['mean_cosine']:.6f}, "
              f"max abs diff {result['max_abs_diff']:.3g}")
     return result
