@@ -1,6 +1,6 @@
 """The shared training engine: one loop for teacher and distillation training.
 
-A stage builds a *task* and hands it to `Trainer(config, run, task, dataset, val_pairs).fit(resume)`.
+A stage builds a *task* and hands it to `Trainer(config, run_dir, task, dataset, val_pairs).fit(resume)`.
 The engine owns everything around the maths: device and AMP, channels_last, the data loader and
 its resumable sampler, the random horizontal flip of each batch, optimizer and schedule, gradient
 clipping, DistributedDataParallel, NaN policy, checkpoints, validation, metrics and progress.

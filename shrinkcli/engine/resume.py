@@ -61,11 +61,11 @@ def resume_run(resume: str | Path, stage: str, given_config, run_options, *, is_
         return None, path, config
     owner = owning_run_dir(path)
     if owner is None:
-        run = run_options.create(stage, config.to_dict())
+        run_dir = run_options.create(stage, config.to_dict())
     else:
-        run = RunDir(owner, stage, config.to_dict())
-        run.begun = False       # the manifest stays as it is until the stage calls `run.begin()`
-        run.lock()
+        run_dir = RunDir(owner, stage, config.to_dict())
+        run_dir.begun = False       # the manifest stays as it is until the stage calls `run_dir.begin()`
+        run_dir.lock()
         try:
             previous = json.loads((owner / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -75,5 +75,5 @@ def resume_run(resume: str | Path, stage: str, given_config, run_options, *, is_
                                 hint=f"resume it with `shrink {previous.get('stage')} --resume {owner}`")
         for key in ("inputs", "outputs", "results", "started", "name", "status", "finished", "error"):
             if key in previous:
-                run.manifest[key] = previous[key]
-    return run, path, config
+                run_dir.manifest[key] = previous[key]
+    return run_dir, path, config

@@ -35,8 +35,8 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 
 
 class Trainer:
-    def __init__(self, config, run, task, dataset, val_pairs=None):
-        self.config, self.run, self.task, self.dataset, self.val_pairs = config, run, task, dataset, val_pairs
+    def __init__(self, config, run_dir, task, dataset, val_pairs=None):
+        self.config, self.run_dir, self.task, self.dataset, self.val_pairs = config, run_dir, task, dataset, val_pairs
         self.device = ddp.resolve_device(config.device, ddp.env_dist_info())  # checked before joining a group
         self.dist = ddp.init_distributed(str(self.device))
         self.is_main = self.dist.is_main
@@ -99,7 +99,7 @@ class Trainer:
 
     @property
     def weights_dir(self) -> Path | None:
-        return self.run.path / "weights" if self.run is not None and self.is_main else None
+        return self.run_dir.path / "weights" if self.run_dir is not None and self.is_main else None
 
     def _prepare_modules(self) -> None:
         memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
@@ -167,10 +167,10 @@ class Trainer:
             return None
         state = shards.write_into(ckpt.build_state(self), gathered)
         last = ckpt.save_checkpoint(state, self.weights_dir / "last.pt")
-        self.run.add_output(last, "checkpoint")
+        self.run_dir.add_output(last, "checkpoint")
         self.last_good = last
         if best:
-            self.run.add_output(ckpt.save_checkpoint(state, self.weights_dir / "best.pt"), "best_checkpoint")
+            self.run_dir.add_output(ckpt.save_checkpoint(state, self.weights_dir / "best.pt"), "best_checkpoint")
         return last
 
     # ---------------------------------------------------------------- loop
@@ -191,12 +191,12 @@ class Trainer:
         ddp.broadcast_modules([m for m in self.modules.values() if not shards.sharded_modules({"m": m})])
         self._distribute()
         self.checks = DeferredChecks(self.config.nan_policy, self.config.max_nan_skips, self.nan_skips, self.device)
-        if self.run is not None and self.is_main:
-            self.run.set_device(str(self.device) + (f" x{self.dist.world_size}" if self.dist.enabled else ""))
+        if self.run_dir is not None and self.is_main:
+            self.run_dir.set_device(str(self.device) + (f" x{self.dist.world_size}" if self.dist.enabled else ""))
             if resumed_from:
-                resumes = self.run.manifest["results"].get("resumes", [])
-                self.run.set_results(resumes=resumes + [{"from": resumed_from, "step": self.step, "epoch": self.epoch}])
-        metrics = MetricsFiles(self.run.path if self.run is not None and self.is_main else None,
+                resumes = self.run_dir.manifest["results"].get("resumes", [])
+                self.run_dir.set_results(resumes=resumes + [{"from": resumed_from, "step": self.step, "epoch": self.epoch}])
+        metrics = MetricsFiles(self.run_dir.path if self.run_dir is not None and self.is_main else None,
                                resume_step=self.step if resumed_from else None)
         if hasattr(self.task, "on_start"):
             self.task.on_start(self)
@@ -211,7 +211,7 @@ class Trainer:
             self._mark("interrupted")
             raise
         except Exception as exc:
-            if self.run is not None and self.run.manifest.get("status") == "running":
+            if self.run_dir is not None and self.run_dir.manifest.get("status") == "running":
                 self._mark("diverged" if isinstance(exc, TrainingDivergedError) else "failed")
             raise
         finally:
@@ -384,9 +384,9 @@ class Trainer:
                                         f"{self.config.max_nan_skips}), the last at {where}", hint=last)
 
     def _mark(self, status: str) -> None:
-        if self.run is not None and self.is_main:
-            self.run.set_results(nan_skips=self.nan_skips, step=self.step, last_good_checkpoint=str(self.last_good))
-            self.run.finish(status)
+        if self.run_dir is not None and self.is_main:
+            self.run_dir.set_results(nan_skips=self.nan_skips, step=self.step, last_good_checkpoint=str(self.last_good))
+            self.run_dir.finish(status)
 
     def _end_epoch(self, metrics: MetricsFiles, last_loss: float | None) -> None:
         self.epoch += 1
@@ -431,16 +431,16 @@ class Trainer:
             "img_per_s": float(np.median(speeds)) if speeds else None,
             "wall_s": round(wall_s, 2),
         }
-        if self.run is not None and self.is_main:
+        if self.run_dir is not None and self.is_main:
             curves = metrics.plot()
             for path in (metrics.jsonl, metrics.csv, curves):
                 if path is not None and Path(path).is_file():
-                    self.run.add_output(path, "metrics")
+                    self.run_dir.add_output(path, "metrics")
             if self.last_good is not None:
                 summary["last_checkpoint"] = str(self.last_good)
             best = self.weights_dir / "best.pt"
             if best.is_file():
                 summary["best_checkpoint"] = str(best)
-            self.run.set_results(**{k: v for k, v in summary.items()})
+            self.run_dir.set_results(**{k: v for k, v in summary.items()})
         ddp.barrier()
         return summary

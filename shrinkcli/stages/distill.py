@@ -169,7 +169,7 @@ def _open_run_dir(config: DistillConfig, given: DistillConfig, options: RunOptio
     return run_dir
 
 
-def run(config: DistillConfig, run: RunOptions) -> dict[str, Any]:
+def run(config: DistillConfig, options: RunOptions) -> dict[str, Any]:
     import torch
 
     from shrinkcli.distill.report import teacher_student_table
@@ -179,10 +179,10 @@ def run(config: DistillConfig, run: RunOptions) -> dict[str, Any]:
     from shrinkcli.models.io import save_model_safetensors
 
     is_main = env_dist_info().is_main
-    resume = run.resume
+    resume = options.resume
     resumed, checkpoint = None, None
     if resume is not None:
-        resumed, checkpoint, config = resume_run(resume, "distill", config, run, is_main=is_main)
+        resumed, checkpoint, config = resume_run(resume, "distill", config, options, is_main=is_main)
     from shrinkcli.models.onnx_teacher import embedding_only_config
 
     teacher_artifact, teacher, meta = load_teacher(config.teacher, config)
@@ -193,7 +193,7 @@ def run(config: DistillConfig, run: RunOptions) -> dict[str, Any]:
         raise BadInputError(f"{config.data} has {getattr(dataset, 'num_classes', 0)} identity label(s): "
                             "the margin loss needs at least 2", hint="use --no-labels to learn from the teacher alone")
     val_pairs = _open_val_pairs(config)
-    run_dir = _open_run_dir(config, given, run, resumed, teacher_artifact, dataset, is_main)
+    run_dir = _open_run_dir(config, given, options, resumed, teacher_artifact, dataset, is_main)
 
     torch.manual_seed(config.seed)      # student, adapters and head start the same for a given seed
     task = build_task(config, teacher, teacher_artifact.sha256, dataset,

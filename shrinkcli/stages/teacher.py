@@ -49,14 +49,14 @@ class MarginTask:
         return self.backbone
 
 
-def run(config: TeacherConfig, run: RunOptions) -> dict[str, Any]:
-    resume = run.resume
+def run(config: TeacherConfig, options: RunOptions) -> dict[str, Any]:
+    resume = options.resume
     if config.load:
         if resume is not None:
             raise BadInputError("--load and --resume exclude each other",
                                 hint="--load imports weights; --resume continues a training run")
-        return import_teacher(config, run)
-    return train_teacher(config, run, resume=resume)
+        return import_teacher(config, options)
+    return train_teacher(config, options, resume=resume)
 
 
 def _record_data(run_dir: RunDir, spec: str, dataset) -> None:
@@ -78,7 +78,7 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_teacher(config: TeacherConfig, run: RunOptions, *, resume: str | None = None) -> dict[str, Any]:
+def train_teacher(config: TeacherConfig, options: RunOptions, *, resume: str | None = None) -> dict[str, Any]:
     from shrinkcli.data import load_pairs, open_dataset
     from shrinkcli.engine import Trainer, resume_run
     from shrinkcli.engine.distributed import env_dist_info, init_distributed
@@ -91,7 +91,7 @@ def train_teacher(config: TeacherConfig, run: RunOptions, *, resume: str | None 
     checkpoint = None
     run_dir = None
     if resume is not None:
-        run_dir, checkpoint, config = resume_run(resume, "teacher", config, run, is_main=is_main)
+        run_dir, checkpoint, config = resume_run(resume, "teacher", config, options, is_main=is_main)
     if not config.data:
         raise BadInputError("no training data", hint="pass --data (e.g. synthetic, folder:PATH, rec:PATH/train.rec) "
                                                      "or --load to import existing weights")
@@ -110,7 +110,7 @@ def train_teacher(config: TeacherConfig, run: RunOptions, *, resume: str | None 
     head = margin_head(backbone.embedding_size, num_classes, kind=config.head, margin=config.margin,
                        scale=config.scale, sample_rate=config.sample_rate)
     if resume is None and is_main:
-        run_dir = run.create("teacher", config.to_dict())
+        run_dir = options.create("teacher", config.to_dict())
     if run_dir is not None:
         if resume is not None:
             verify_recorded_inputs(run_dir.manifest, ["data"], f"teacher --resume {run_dir.path}")
@@ -174,7 +174,7 @@ def check_embeddings(model, images) -> dict[str, Any]:
             "mean_pair_cosine": round(float(off_diagonal.mean()), 6)}
 
 
-def import_teacher(config: TeacherConfig, run: RunOptions) -> dict[str, Any]:
+def import_teacher(config: TeacherConfig, options: RunOptions) -> dict[str, Any]:
     from shrinkcli.engine.distributed import env_dist_info
     from shrinkcli.models.io import load_model, save_model_safetensors
 
@@ -184,12 +184,12 @@ def import_teacher(config: TeacherConfig, run: RunOptions) -> dict[str, Any]:
     if source.suffix.lower() == ".onnx":
         from shrinkcli.stages.teacher_onnx import import_onnx_teacher
 
-        return import_onnx_teacher(config, run)
+        return import_onnx_teacher(config, options)
     model, meta = load_model(source, arch=config.arch if config.is_set("arch") else None)
     preprocess = dict(meta["preprocess"])
     images, described = _check_images(config, int(model.input_size), preprocess)
     check = check_embeddings(model, images)
-    run_dir = run.create("teacher", config.to_dict())
+    run_dir = options.create("teacher", config.to_dict())
     run_dir.add_input(source, "weights")
     weights = save_model_safetensors(model, run_dir.file("model.safetensors"), preprocess,
                                      extra={"imported_from": source.name, "imported_sha256": meta["sha256"]})

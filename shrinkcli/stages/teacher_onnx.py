@@ -41,7 +41,7 @@ def write_embedding_teacher(source: Path, target: Path, contract, imported_sha25
     return atomic_write_bytes(target, proto.SerializeToString())
 
 
-def import_onnx_teacher(config: TeacherConfig, run: RunOptions) -> dict[str, Any]:
+def import_onnx_teacher(config: TeacherConfig, options: RunOptions) -> dict[str, Any]:
     from shrinkcli.models.io import save_model_safetensors
     from shrinkcli.models.onnx_import import load_onnx_teacher
     from shrinkcli.stages.teacher import _check_images, check_embeddings
@@ -52,7 +52,7 @@ def import_onnx_teacher(config: TeacherConfig, run: RunOptions) -> dict[str, Any
     contract = info["contract"]
     images, described = _check_images(config, int(model.input_size), meta["preprocess"])
     check = check_embeddings(model, images)
-    run_dir = run.create("teacher", config.to_dict())
+    run_dir = options.create("teacher", config.to_dict())
     run_dir.add_input(source, "weights")
     if info["kind"] == "iresnet":
         weights = save_model_safetensors(model, run_dir.file("model.safetensors"), meta["preprocess"],
