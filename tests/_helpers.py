@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from shrinkcli.export.check import generated_pixels
+from pathlib import Path
+
+from shrinkcli.evaluate.images import generated_pixels
 from shrinkcli.models.registry import create_model
 
 
@@ -27,3 +29,28 @@ def calibrate_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 def calibrated_model(name: str, **kwargs) -> torch.nn.Module:
     return calibrate_batchnorm(create_model(name, **kwargs))
+
+
+PREPROCESS = {"mean": 127.5, "std": 127.5, "crop": None, "channel_order": "RGB"}
+
+
+def tiny_teacher_file(directory: Path, *, size: int = 32, seed: int = 1) -> Path:
+    """An untrained r18 (width 0.125, 32-d) saved as safetensors with its preprocessing, no classifier."""
+    from shrinkcli.models.io import save_model_safetensors
+
+    torch.manual_seed(seed)
+    teacher = create_model("r18", embedding_size=32, input_size=size, width=0.125)
+    return save_model_safetensors(teacher, directory / "teacher.safetensors", {**PREPROCESS, "input_size": size})
+
+
+def tiny_student_files(directory: Path, *, size: int = 32, seed: int = 0) -> dict[str, Path]:
+    """An untrained MobileFaceNet (width 0.25, 32-d) as safetensors and as its fp32 ONNX export."""
+    from shrinkcli.export.onnx_export import GraphSpec, export_onnx
+    from shrinkcli.models.io import save_model_safetensors
+
+    torch.manual_seed(seed)
+    model = create_model("mobilefacenet", embedding_size=32, input_size=size, width=0.25).eval()
+    weights = save_model_safetensors(model, directory / "model.safetensors", preprocess={**PREPROCESS, "input_size": size})
+    graph = directory / "model.onnx"
+    export_onnx(model, graph, GraphSpec(input_size=size), exporter="torchscript")
+    return {"weights": weights, "onnx": graph}

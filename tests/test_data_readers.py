@@ -130,7 +130,7 @@ def test_rec_meta_header_label_arrays_and_split_records(tmp_path):
 
 def test_rec_without_header_and_errors(tmp_path):
     payloads = [pack_header(float(i % 2), _png((i, i, i))) for i in range(4)]
-    rec = _hand_rec(tmp_path, payloads, range(4))
+    _hand_rec(tmp_path, payloads, range(4))
     ds = open_dataset(str(tmp_path), input_size=8)
     assert ds.header is None and list(ds.labels) == [0, 1, 0, 1]
     (tmp_path / "property").write_text("1,112,112\n")

@@ -12,7 +12,7 @@ from shrinkcli.distill import CacheRequest, DistillTask, TeacherCache, cache_key
 from shrinkcli.errors import BadInputError
 from shrinkcli.losses.distill import DistillCriterion
 from shrinkcli.models import create_model
-from shrinkcli.models.io import load_model, save_model_safetensors
+from shrinkcli.models.io import load_model
 from shrinkcli.rundir import RunOptions
 from shrinkcli.stages import distill as stage
 
@@ -23,12 +23,9 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
-    torch.manual_seed(1)
-    teacher = create_model("r18", embedding_size=32, input_size=SIZE, width=0.125)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_model_safetensors(teacher, path, {"mean": 127.5, "std": 127.5, "crop": None, "input_size": SIZE,
-                                           "channel_order": "RGB"})
-    return path
+    from _helpers import tiny_teacher_file
+
+    return tiny_teacher_file(tmp_path_factory.mktemp("teacher"), size=SIZE)
 
 
 def tiny_config(teacher_file, **changes):

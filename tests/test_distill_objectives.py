@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 from shrinkcli.cli import app
 from shrinkcli.engine.checkpoint import load_checkpoint
 from shrinkcli.models import create_model
-from shrinkcli.models.io import save_model_safetensors
 
 SIZE = 32
 DATA = "synthetic:4:4"
@@ -32,12 +31,9 @@ def teacher_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bare_teacher(tmp_path_factory):
     """A teacher file without any classifier beside it (as an imported backbone would be)."""
-    torch.manual_seed(1)
-    teacher = create_model("r18", embedding_size=32, input_size=SIZE, width=0.125)
-    path = tmp_path_factory.mktemp("bare") / "teacher.safetensors"
-    save_model_safetensors(teacher, path, {"mean": 127.5, "std": 127.5, "crop": None, "input_size": SIZE,
-                                           "channel_order": "RGB"})
-    return path
+    from _helpers import tiny_teacher_file
+
+    return tiny_teacher_file(tmp_path_factory.mktemp("bare"), size=SIZE)
 
 
 def distill(tmp_path, teacher, name, *options):

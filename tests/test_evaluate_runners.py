@@ -14,21 +14,9 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    import torch
+    from _helpers import tiny_student_files
 
-    from shrinkcli.export.onnx_export import GraphSpec, export_onnx
-    from shrinkcli.models import create_model
-    from shrinkcli.models.io import save_model_safetensors
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("runners")
-    model = create_model("mobilefacenet", embedding_size=32, input_size=SIZE, width=0.25).eval()
-    weights = root / "model.safetensors"
-    save_model_safetensors(model, weights, preprocess={"mean": 127.5, "std": 127.5, "crop": None,
-                                                       "input_size": SIZE, "channel_order": "RGB"})
-    graph = root / "model.onnx"
-    export_onnx(model, graph, GraphSpec(input_size=SIZE), exporter="torchscript")
-    return {"weights": weights, "onnx": graph}
+    return tiny_student_files(tmp_path_factory.mktemp("runners"), size=SIZE)
 
 
 def test_runner_reads_dtype_and_uint8_input(artifacts, tmp_path):

@@ -21,20 +21,11 @@ def artifacts(tmp_path_factory):
     import onnx
     from onnx import numpy_helper
 
-    from shrinkcli.export.onnx_export import GraphSpec, export_onnx
-    from shrinkcli.models import create_model
-    from shrinkcli.models.io import save_model_safetensors
+    from _helpers import tiny_student_files
 
-    import torch
-
-    torch.manual_seed(0)          # module fixtures run before the per-test seeding fixture
     root = tmp_path_factory.mktemp("verify")
-    model = create_model("mobilefacenet", embedding_size=32, input_size=SIZE, width=0.25).eval()
-    weights = root / "model.safetensors"
-    save_model_safetensors(model, weights, preprocess={"mean": 127.5, "std": 127.5, "crop": None,
-                                                       "input_size": SIZE, "channel_order": "RGB"})
-    good = root / "model.onnx"
-    export_onnx(model, good, GraphSpec(input_size=SIZE), exporter="torchscript")
+    files = tiny_student_files(root, size=SIZE)     # seeded: module fixtures run before the per-test seeding
+    weights, good = files["weights"], files["onnx"]
     proto = onnx.load(str(good))
     first_conv_weight = next(n for n in proto.graph.node if n.op_type == "Conv").input[1]
     for init in proto.graph.initializer:
