@@ -29,7 +29,6 @@ def _stage_handler(stage: str):
     def handle(values: dict[str, Any], extra: dict[str, Any]) -> None:
         from shrinkcli.stages.registry import STAGES
 
-        values = {**values, **{k: extra.pop(k) for k in list(extra) if k in STAGE_CONFIGS[stage].__dataclass_fields__}}
         options = RunOptions(project=extra.get("project", "runs"), name=extra.get("name"),
                              run_dir=str(extra["run_dir"]) if extra.get("run_dir") else None,
                              exist_ok=bool(extra.get("exist_ok", False)), resume=extra.get("resume"))

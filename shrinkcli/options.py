@@ -84,10 +84,11 @@ def config_parameters(cls: type, *, skip: tuple[str, ...] = ()) -> list[inspect.
 def stage_command(app: typer.Typer, name: str, cls: type, handler: Callable[[dict[str, Any], dict[str, Any]], None],
                   *, doc: str, extra: list[inspect.Parameter], positional: list[inspect.Parameter] = ()) -> None:
     """Register `shrink NAME`: the config's fields as options plus `extra` parameters. `handler`
-    receives (field values given on the command line, extra values)."""
+    receives (field values given on the command line, extra values); a `positional` parameter
+    named after a field (embed's MODEL) is a field value too."""
     taken = {p.name for p in (*positional, *extra)}
     fields = config_parameters(cls, skip=tuple(taken))
-    field_names = {p.name for p in fields}
+    field_names = {p.name for p in fields} | {p.name for p in positional if p.name in cls.__dataclass_fields__}
 
     def command(**kwargs: Any) -> None:
         values = {k: kwargs.pop(k) for k in list(kwargs) if k in field_names}
