@@ -213,3 +213,40 @@ def test_export_self_check_and_verify_are_one_parity_check(weights, tmp_path):
     assert exported["min_cosine_required"] == checked["min_cosine_required"] == MIN_COSINE["fp32"] == 0.99999
     assert exported["min_cosine"] == pytest.approx(checked["min_cosine"], abs=1e-7)
     assert exported["max_abs_diff"] == pytest.approx(checked["max_abs_diff"], abs=1e-6)
+
+
+def test_an_exporter_that_writes_another_opset_is_exit_2_not_a_wrong_manifest(weights, tmp_path, monkeypatch):
+    from shrinkcli.export import onnx_export
+
+    real = onnx_export._to_proto_dynamo
+
+    def other_opset(wrapper, example, opset):
+        proto = real(wrapper, example, opset)
+        next(o for o in proto.opset_import if o.domain in ("", "ai.onnx")).version = opset + 1
+        return proto
+
+    monkeypatch.setattr(onnx_export, "_to_proto_dynamo", other_opset)
+    result, _ = _export("--weights", str(weights), "--run-dir", str(tmp_path / "out"), "--set", "opset=18")
+    assert result.exit_code == 2, result.output
+    assert "the ONNX exporter wrote opset 19, not the requested 18" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_verify_of_an_export_run_refuses_a_reference_that_changed_since(tmp_path):
+    """The parity reference an export run recorded is checked by sha256 before verify uses it."""
+    source = tmp_path / "src" / "student.safetensors"
+    source.parent.mkdir()
+    preprocess = {"mean": 127.5, "std": 127.5, "crop": None, "input_size": SIZE, "channel_order": "RGB"}
+    save_model_safetensors(_tiny_student(seed=0), source, preprocess=preprocess)
+    out = tmp_path / "export"
+    result, _ = _export("--weights", str(source), "--run-dir", str(out), "--set", "check_images=4")
+    assert result.exit_code == 0, result.output
+    save_model_safetensors(_tiny_student(seed=1), source, preprocess=preprocess)     # retrained in place
+    verified = runner.invoke(app, ["verify", "--model", str(out), "--run-dir", str(tmp_path / "verify")])
+    assert verified.exit_code == 2, verified.output
+    line = verified.stderr.strip().splitlines()[-1]
+    assert "(its reference)" in line and "changed since the run used it" in line, line
+    assert "Traceback" not in verified.output
+    source.unlink()
+    gone = runner.invoke(app, ["verify", "--model", str(out), "--run-dir", str(tmp_path / "verify2")])
+    assert gone.exit_code == 2 and "is missing" in gone.stderr.strip().splitlines()[-1], gone.output

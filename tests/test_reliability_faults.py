@@ -54,6 +54,47 @@ def _error_line(result) -> str:
     return lines[-1]
 
 
+KILL_IN_QUANTIZER = """
+import os, signal, sys
+import onnxruntime.quantization as quantization
+import shrinkcli.export.quantize as quantize
+
+def killed(*args, **kwargs):      # kill -9 while the quantizer works in its temp folder
+    os.kill(os.getpid(), signal.SIGKILL)
+
+quantization.quantize_static = quantize.quantize_static = killed
+from shrinkcli.cli import main
+sys.argv = ["shrink", *sys.argv[1:]]
+main()
+"""
+
+
+def test_kill_9_during_int8_export_leaves_no_int8_file_and_the_next_run_cleans_up(tmp_path):
+    from _helpers import tiny_student_files
+
+    weights = tiny_student_files(tmp_path)["weights"]
+    out = tmp_path / "export"
+    args = ["export", "--weights", str(weights), "--quantize", "int8", "--calib-data", "synthetic:4:4:0",
+            "--run-dir", str(out)]
+    script = tmp_path / "kill_in_quantizer.py"
+    script.write_text(KILL_IN_QUANTIZER)
+    process = subprocess.run([sys.executable, str(script), *args], env=_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+    assert [p.name for p in out.glob(".shrink-tmp-int8-*")]          # kill -9: nothing could remove it
+    assert not (out / "model-int8.onnx").exists()                     # never a half-made or unchecked file
+    manifest = _manifest(out)
+    assert manifest["status"] == "running" and "onnx-int8" not in {o["kind"] for o in manifest["outputs"]}
+
+    again = runner.invoke(app, ["--json", *args, "--exist-ok"])
+    assert again.exit_code == 0, again.output
+    assert not list(out.glob(".shrink-tmp-*"))                        # the next run removed the leftovers
+    manifest = _manifest(out)
+    assert manifest["status"] == "completed"
+    assert manifest["results"]["parity"]["int8"]["passed"] is not None
+    assert "onnx-int8" in {o["kind"] for o in manifest["outputs"]}
+
+
 # ------------------------------------------------------------------------------ kill -9, resume
 
 def test_kill_9_after_first_checkpoint_then_resume_completes(tmp_path):

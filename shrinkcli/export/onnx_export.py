@@ -182,6 +182,10 @@ def to_onnx_proto(model, spec: GraphSpec, *, opset: int = 18, exporter: str = "a
                             "falling back to the TorchScript exporter")
         if proto is None:
             proto = _to_proto_torchscript(wrapper, example, opset)
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:    # a converter that falls back to another opset must not go unnoticed
+        raise BadInputError(f"the ONNX exporter wrote opset {written}, not the requested {opset}",
+                            hint="use the default --set opset=18, or an opset this torch can export")
     strip_debug_info(proto)
     return proto
 

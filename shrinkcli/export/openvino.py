@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from shrinkcli.atomic import temp_dir
 from shrinkcli.errors import BadInputError
 
 _FILES = {"fp32": "model.xml", "fp16": "model-fp16.xml", "int8": "model-int8.xml"}
@@ -27,7 +27,7 @@ def _save(ov_model, path: Path, *, fp16: bool) -> Path:
     import openvino as ov
 
     # Saved under a temporary name, .bin before .xml, so a reader never finds half a model.
-    with tempfile.TemporaryDirectory(prefix="shrink-ov-", dir=path.parent) as tmp:
+    with temp_dir(path.parent, "openvino") as tmp:
         staged = Path(tmp) / path.name
         ov.save_model(ov_model, str(staged), compress_to_fp16=fp16)
         staged.with_suffix(".bin").replace(path.with_suffix(".bin"))
@@ -48,7 +48,7 @@ def write(model, spec, out_dir: Path, *, onnx_graph=None, variants=("fp32",), ca
     from shrinkcli.export.onnx_export import export_onnx
 
     written = {}
-    with tempfile.TemporaryDirectory(prefix="shrink-ov-src-", dir=out_dir) as tmp:
+    with temp_dir(out_dir, "openvino-src") as tmp:
         # native PRelu: OpenVINO has its own fused PReLU, the onnxruntime-specific rewrites would only slow it
         source = export_onnx(model, Path(tmp) / "native.onnx", spec, graph=onnx_graph, prelu="native")
         props = {p.key: p.value for p in onnx.load(str(source)).metadata_props} | (metadata or {})
