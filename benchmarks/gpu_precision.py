@@ -58,7 +58,7 @@ def make_step(task, optimizer, images, labels, *, bf16: bool, channels_last: boo
             if teacher_only:
                 return
             out = task.student.forward_features(images)
-            loss, _ = task.criterion(out.stages, out.embedding, [s.float() for s in t.stages], t.embedding.float())
+            loss, _ = task.criterion(out.stage_maps, out.embedding, [s.float() for s in t.stage_maps], t.embedding.float())
             loss = loss + task.head(out.embedding, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -66,7 +66,7 @@ def main() -> None:
         ref = teacher.forward_features(images)
         stages, emb = eager_prepared(images, True)
     cosine = float(torch.nn.functional.cosine_similarity(ref.embedding.float(), emb.float()).min())
-    stage_diff = max(float((a - b.float()).abs().max() / a.abs().max()) for a, b in zip(ref.stages, stages))
+    stage_diff = max(float((a - b.float()).abs().max() / a.abs().max()) for a, b in zip(ref.stage_maps, stages))
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(args.repeats + 1):        # round 0 warms up (and compiles)
         names = list(variants)

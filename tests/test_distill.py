@@ -157,7 +157,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, teacher_file):
     def teacher_fn(images):
         calls.append(len(images))
         out = teacher.forward_features(images)
-        return [s.detach() for s in out.stages], out.embedding.detach()
+        return [s.detach() for s in out.stage_maps], out.embedding.detach()
 
     key = cache_key(teacher_sha256="a" * 64, data_spec="synthetic:2:2:0", num_items=4, labels=dataset.labels,
                     input_size=SIZE, crop=None, mean=127.5, std=127.5)
@@ -177,7 +177,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, teacher_file):
     assert calls == [4, 4, 4, 4]                                    # mismatched key: recomputed
     assert TeacherCache.open(tmp_path, key, num_items=4, flips=2, with_stages=True) is None   # no stages stored
     staged = open_or_build(tmp_path / "s", key, dataset, teacher_fn, **{**args, "with_stages": True})
-    assert staged.stages[0].dtype == np.float16
+    assert staged.stage_maps[0].dtype == np.float16
     assert TeacherCache.open(tmp_path / "s", key, num_items=4, flips=2, with_stages=True, stage_dtype="float32") is None
 
 

@@ -79,7 +79,7 @@ def test_stage_shapes_strides_2_4_8_16(name, input_size, width):
     out = model.forward_features(torch.zeros(2, 3, input_size, input_size, device="meta"))
     expected_channels = [max(8, round(c * width)) for c in EXPECTED_STAGES_112[name]]
     assert model.stage_channels == expected_channels
-    for stage, (tensor, stride) in enumerate(zip(out.stages, (2, 4, 8, 16))):
+    for stage, (tensor, stride) in enumerate(zip(out.stage_maps, (2, 4, 8, 16))):
         side = input_size // stride
         assert tuple(tensor.shape) == (2, expected_channels[stage], side, side), (stage, tensor.shape)
     assert tuple(out.embedding.shape) == (2, 128)
@@ -109,7 +109,7 @@ def test_channels_last_matches_nchw_and_eval_is_deterministic(name):
         cl = model_cl.forward_features(x.contiguous(memory_format=torch.channels_last))
     assert torch.equal(reference.embedding, again)
     assert torch.isfinite(reference.embedding).all()
-    for a, b in zip([*cl.stages, cl.embedding], [*reference.stages, reference.embedding]):
+    for a, b in zip([*cl.stage_maps, cl.embedding], [*reference.stage_maps, reference.embedding]):
         # Summation order differs between layouts: compare relative to the tensor's scale.
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
@@ -127,7 +127,7 @@ def test_fresh_teachers_give_finite_eval_outputs(name):
     model = create_model(name, input_size=16, width=0.125, embedding_size=16).eval()
     with torch.no_grad():
         out = model.forward_features(torch.randn(2, 3, 16, 16))
-    assert all(torch.isfinite(t).all() and t.abs().max() < 1e3 for t in [*out.stages, out.embedding])
+    assert all(torch.isfinite(t).all() and t.abs().max() < 1e3 for t in [*out.stage_maps, out.embedding])
 
 
 def test_iresnet_embedding_bn_scale_is_frozen_at_one():

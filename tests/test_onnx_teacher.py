@@ -69,8 +69,8 @@ def test_iresnet_graph_maps_exactly_onto_the_registry_model(files, arch, variant
     with torch.no_grad():
         mine, original = model.forward_features(x), files[arch].forward_features(x)
     torch.testing.assert_close(mine.embedding, original.embedding, atol=1e-5, rtol=1e-4)
-    assert len(mine.stages) == 4
-    for a, b in zip(mine.stages, original.stages):      # stage maps too: multi-stage distillation needs them
+    assert len(mine.stage_maps) == 4
+    for a, b in zip(mine.stage_maps, original.stage_maps):      # stage maps too: multi-stage distillation needs them
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 

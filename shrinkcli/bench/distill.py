@@ -123,7 +123,7 @@ class StepRunners:
         with torch.no_grad():
             teacher_out = task.teacher.forward_features(images)
         out = task.student.forward_features(images)
-        loss, _ = task.criterion(out.stages, out.embedding, teacher_out.stages, teacher_out.embedding)
+        loss, _ = task.criterion(out.stage_maps, out.embedding, teacher_out.stage_maps, teacher_out.embedding)
         loss = loss + task.head(out.embedding, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

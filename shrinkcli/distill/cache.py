@@ -63,7 +63,7 @@ class TeacherCache:
         # Memory-mapped (copy-on-write, so torch can view it), like the stage maps: W ranks on one
         # machine share one copy in the page cache instead of each holding the array in RAM.
         self.embeddings = torch.from_numpy(embeddings)
-        self.stages = stages
+        self.stage_maps = stages
         self.flips = embeddings.shape[0]
         self.device_embeddings: torch.Tensor | None = None
 
@@ -81,7 +81,7 @@ class TeacherCache:
 
     @property
     def has_stages(self) -> bool:
-        return self.stages is not None
+        return self.stage_maps is not None
 
     def lookup(self, indices: torch.Tensor, flipped: torch.Tensor | None, device: torch.device | str = "cpu",
                with_stages: bool = True) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
@@ -102,9 +102,9 @@ class TeacherCache:
         else:
             embedding = _to_device(self.embeddings[flip, idx], device, pin)
         maps = None
-        if with_stages and self.stages is not None:
+        if with_stages and self.stage_maps is not None:
             i_np, f_np = idx.numpy(), flip.numpy()
-            maps = [_to_device(torch.from_numpy(np.asarray(arr[f_np, i_np])), device, pin).float() for arr in self.stages]
+            maps = [_to_device(torch.from_numpy(np.asarray(arr[f_np, i_np])), device, pin).float() for arr in self.stage_maps]
         return maps, embedding
 
     @classmethod

@@ -52,7 +52,7 @@ class StudentStep(nn.Module):
 
     def forward(self, images, teacher_stages, teacher_embedding):
         out = self.student.forward_features(images)
-        total, terms = self.criterion(out.stages, out.embedding, teacher_stages, teacher_embedding)
+        total, terms = self.criterion(out.stage_maps, out.embedding, teacher_stages, teacher_embedding)
         return total, terms, out.embedding
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 
 class FaceOutput(NamedTuple):
-    stages: list[torch.Tensor]
+    stage_maps: list[torch.Tensor]
     embedding: torch.Tensor
 
 

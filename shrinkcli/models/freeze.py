@@ -164,7 +164,7 @@ class FrozenTeacher(nn.Module):
         if self.dtype is not None:
             x = x.to(self.dtype)
         out = self.teacher.forward_features(x)
-        return (tuple(out.stages) if with_stages else ()), out.embedding
+        return (tuple(out.stage_maps) if with_stages else ()), out.embedding
 
 
 def _wants_compile(setting: str | bool | None, device: torch.device) -> bool:

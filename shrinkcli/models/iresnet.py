@@ -116,7 +116,7 @@ class IResNet(nn.Module):
         s4 = self.layer4(s3)
         x = torch.flatten(self.bn2(s4), 1)
         embedding = self.features(self.fc(self.dropout(x)))
-        return FaceOutput(stages=[s1, s2, s3, s4], embedding=embedding)
+        return FaceOutput(stage_maps=[s1, s2, s3, s4], embedding=embedding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).embedding

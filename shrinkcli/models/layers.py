@@ -144,7 +144,7 @@ class StagedFaceNet(nn.Module):
         s2 = self.stage2(s1)
         s3 = self.stage3(s2)
         s4 = self.stage4(s3)
-        return FaceOutput(stages=[s1, s2, s3, s4], embedding=self.head(self.neck(s4)))
+        return FaceOutput(stage_maps=[s1, s2, s3, s4], embedding=self.head(self.neck(s4)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).embedding

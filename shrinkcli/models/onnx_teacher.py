@@ -22,7 +22,7 @@ ARCH = "onnx"
 
 
 class OnnxEmbeddingTeacher(nn.Module):
-    """`forward_features(x)` -> FaceOutput(stages=[], embedding); `stage_channels` is None."""
+    """`forward_features(x)` -> FaceOutput(stage_maps=[], embedding); `stage_channels` is None."""
 
     stage_channels = None
 
@@ -45,7 +45,7 @@ class OnnxEmbeddingTeacher(nn.Module):
         return torch.from_numpy(run_embeddings(self.session, self.contract, array))
 
     def forward_features(self, x: torch.Tensor) -> FaceOutput:
-        return FaceOutput(stages=[], embedding=self._run(x).to(x.device))
+        return FaceOutput(stage_maps=[], embedding=self._run(x).to(x.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).embedding

@@ -1,7 +1,7 @@
 """One registry for every architecture: `create_model(name, **kwargs)`, `list_models()`.
 
 Every model is an `nn.Module` with:
-- `forward_features(x) -> FaceOutput(stages=[s1, s2, s3, s4], embedding)`: the four stage outputs
+- `forward_features(x) -> FaceOutput(stage_maps=[s1, s2, s3, s4], embedding)`: the four stage outputs
   (strides 2/4/8/16 of the input, i.e. 56/28/14/7 at 112x112) and the final embedding;
 - `forward(x) -> embedding` (unnormalised);
 - attributes `arch` (registry name), `arch_kwargs` (what `create_model` needs to rebuild it),

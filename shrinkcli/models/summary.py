@@ -55,7 +55,7 @@ def describe_model(name: str, input_size: int = 112, **kwargs) -> dict:
         model.eval()
         with torch.no_grad():
             out = model.forward_features(torch.zeros(1, 3, input_size, input_size))
-    stages = " ".join(f"{s.shape[1]}@{s.shape[2]}" for s in out.stages)
+    stages = " ".join(f"{s.shape[1]}@{s.shape[2]}" for s in out.stage_maps)
     return {
         "name": name,
         "family": model_family(name),
