@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from shrinkcli.errors import BadInputError
-from shrinkcli.losses.margin import MarginHead
+from shrinkcli.losses.margin import MarginHead, centre_cosines
 
 
 def _cosines(head, emb):
@@ -96,7 +96,7 @@ def _row_sparse_run(steps: int, *, bound: bool):
             continue
         chosen, local = head.sample_centres(y)
         rows = centres[chosen].clone().requires_grad_()
-        cosine = F.linear(F.normalize(backbone(x)), F.normalize(rows)).clamp(-1, 1)
+        cosine = centre_cosines(backbone(x), rows)      # its own gradient: test_centre_cosines_gradient
         logits = cosine.scatter(1, local.view(-1, 1), cosine.gather(1, local.view(-1, 1)) - 0.35) * 16.0
         F.cross_entropy(logits, local).backward()
         optimizer.step()
@@ -108,6 +108,21 @@ def _row_sparse_run(steps: int, *, bound: bool):
         head.flush_rows()
         return head.weight.detach(), optimizer.state[head.weight]["momentum_buffer"], None
     return centres, momentum, touched
+
+
+def test_centre_cosines_gradient_matches_autograd_through_normalised_centres():
+    from shrinkcli.losses.margin import _CentreCosines
+
+    generator = torch.Generator().manual_seed(5)
+    units = F.normalize(torch.randn(5, 7, generator=generator, dtype=torch.double), dim=1).requires_grad_()
+    centres = (torch.randn(9, 7, generator=generator, dtype=torch.double) * 0.01).requires_grad_()
+    assert torch.autograd.gradcheck(_CentreCosines.apply, (units, centres))
+    weights = torch.randn(5, 9, generator=generator, dtype=torch.double)
+    (_CentreCosines.apply(units, centres) * weights).sum().backward()
+    mine = units.grad.clone(), centres.grad.clone()
+    units.grad = centres.grad = None
+    (F.linear(units, F.normalize(centres, dim=1)) * weights).sum().backward()
+    assert torch.allclose(mine[0], units.grad) and torch.allclose(mine[1], centres.grad)
 
 
 def test_a_bound_sampled_head_updates_only_its_rows_and_their_momentum():

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from shrinkcli import log
+from shrinkcli.errors import TrainingDivergedError
+
 
 @dataclass
 class Pending:
@@ -100,3 +103,24 @@ def masked_step(optimizer: torch.optim.Optimizer, apply: torch.Tensor, tensors: 
     optimizer.step()
     keep_where(apply, tensors, before)
     keep_where(apply, buffers, saved_buffers)
+
+
+def apply_nan_policy(trainer, loss_value: float, step: int, epoch: int) -> None:
+    """The NaN policy for non-finite step `step` (1-based); a deferred check reaches it later,
+    when the device has already kept that step and every later one from changing anything."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    where = f"step {step} (epoch {epoch})"
+    last = f"last good checkpoint: {trainer.last_good}" if trainer.last_good else "no checkpoint written yet"
+    if trainer.config.nan_policy == "stop":
+        trainer.step = step - 1        # the state is that of the last good step
+        trainer._mark("diverged")
+        raise TrainingDivergedError(f"non-finite loss/gradient ({loss_value}) at {where}",
+                                    hint=f"{last}; lower --lr, use amp=bf16/off, or set nan_policy=skip")
+    trainer.nan_skips += 1
+    if trainer.is_main:
+        log.warning(f"non-finite loss/gradient at {where}: step skipped ({trainer.nan_skips}/{trainer.config.max_nan_skips})")
+    if trainer.nan_skips > trainer.config.max_nan_skips:
+        trainer.step = step - 1
+        trainer._mark("diverged")
+        raise TrainingDivergedError(f"{trainer.nan_skips} non-finite steps (more than max_nan_skips="
+                                    f"{trainer.config.max_nan_skips}), the last at {where}", hint=last)

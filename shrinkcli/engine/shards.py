@@ -103,6 +103,22 @@ def localise(trainer, state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def bind_sampled_heads(modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, *,
+                       distributed: bool) -> None:
+    """Let sampled margin heads update only their sampled rows (`head_update = "sparse"`). A head
+    replicated under DDP cannot (DDP's gradient buckets have fixed shapes); a sharded one stays
+    outside DDP and can."""
+    for module in modules.values():
+        if hasattr(module, "bind_optimizer") and (not distributed or getattr(module, "sharded", False)):
+            module.bind_optimizer(optimizer)
+
+
+def flush_sampled_heads(modules: dict[str, torch.nn.Module]) -> None:
+    for module in modules.values():
+        if hasattr(module, "flush_rows"):
+            module.flush_rows()
+
+
 def all_ranks(flag: bool, modules: dict[str, torch.nn.Module], device: torch.device) -> bool:
     """`flag` and-ed over the ranks when sharded modules make the ranks' states differ (collective
     then, so that no rank stops alone and leaves the others waiting in a gather)."""

@@ -17,11 +17,11 @@ from shrinkcli.engine import checkpoint as ckpt
 from shrinkcli.engine import distributed as ddp
 from shrinkcli.engine import shards
 from shrinkcli.engine.batches import build_loader, device_batch, seed_everything
-from shrinkcli.engine.health import DeferredChecks, masked_step, optimizer_tensors, snapshot
+from shrinkcli.engine.health import DeferredChecks, apply_nan_policy, masked_step, optimizer_tensors, snapshot
 from shrinkcli.engine.metrics import MetricsFiles, ProgressView
 from shrinkcli.engine.optim import LRSchedule, build_optimizer
 from shrinkcli.engine.resume import resume_run
-from shrinkcli.engine.validation import verify_pairs
+from shrinkcli.engine.validation import verify_pairs, warn_if_collapsed
 from shrinkcli.errors import BadInputError, TrainingDivergedError
 
 __all__ = ["Trainer", "resume_run"]
@@ -87,11 +87,7 @@ class Trainer:
         self.float_buffers = [b for m in self.modules.values() for b in m.buffers() if b.is_floating_point()]
         self.optimizer = build_optimizer(config, self.modules.values())
         if config.head_update == "sparse":
-            # Sampled margin heads update only the sampled rows; a head replicated under DDP cannot
-            # (DDP's gradient buckets have fixed shapes), a sharded one stays outside DDP and can.
-            for module in self.modules.values():
-                if hasattr(module, "bind_optimizer") and (not self.dist.enabled or shards.sharded_modules({"m": module})):
-                    module.bind_optimizer(self.optimizer)
+            shards.bind_sampled_heads(self.modules, self.optimizer, distributed=self.dist.enabled)
         self.schedule = LRSchedule.from_config(self.optimizer, config, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
         self.checks = DeferredChecks(config.nan_policy, config.max_nan_skips, 0, self.device)
@@ -155,9 +151,7 @@ class Trainer:
     def save(self, best: bool = False) -> Path | None:
         """Write weights/last.pt (and best.pt); refuse to replace a good checkpoint with non-finite weights."""
         self._flush_checks()
-        for module in self.modules.values():     # sampled rows back into the full matrix and its state
-            if hasattr(module, "flush_rows"):
-                module.flush_rows()
+        shards.flush_sampled_heads(self.modules)     # sampled rows back into the full matrix and its state
         ddp.average_buffers(self.modules.values())
         if not shards.all_ranks(ckpt.all_finite(self.modules), self.modules, self.device):
             raise TrainingDivergedError(f"weights became non-finite at step {self.step}; no checkpoint written",
@@ -306,7 +300,7 @@ class Trainer:
         for entry, loss, bad in self.checks.read():
             last_loss = loss
             if bad:
-                self._handle_non_finite(loss, entry.step, entry.epoch)
+                apply_nan_policy(self, loss, entry.step, entry.epoch)
         return None if last_loss is None else float(last_loss)
 
     def _train_step(self, images, labels, indices, flips) -> tuple[Any, dict[str, Any]]:
@@ -346,7 +340,7 @@ class Trainer:
             self._flush_checks()
             loss_value, any_bad = float(stats[0]), bool(stats[1] > 0)
             if any_bad:
-                self._handle_non_finite(loss_value, self.step + 1, self.epoch)
+                apply_nan_policy(self, loss_value, self.step + 1, self.epoch)
                 with torch.no_grad():
                     for buf, saved in zip(self.float_buffers, buffers or []):
                         buf.copy_(saved)
@@ -362,26 +356,6 @@ class Trainer:
         self.step += 1
         self.position += self.sampler.global_batch
         return loss_value, logs
-
-    def _handle_non_finite(self, loss_value: float, step: int, epoch: int) -> None:
-        """The NaN policy for non-finite step `step` (1-based); a deferred check reaches it later,
-        when the device has already kept that step and every later one from changing anything."""
-        self.optimizer.zero_grad(set_to_none=True)
-        where = f"step {step} (epoch {epoch})"
-        last = f"last good checkpoint: {self.last_good}" if self.last_good else "no checkpoint written yet"
-        if self.config.nan_policy == "stop":
-            self.step = step - 1        # the state is that of the last good step
-            self._mark("diverged")
-            raise TrainingDivergedError(f"non-finite loss/gradient ({loss_value}) at {where}",
-                                        hint=f"{last}; lower --lr, use amp=bf16/off, or set nan_policy=skip")
-        self.nan_skips += 1
-        if self.is_main:
-            log.warning(f"non-finite loss/gradient at {where}: step skipped ({self.nan_skips}/{self.config.max_nan_skips})")
-        if self.nan_skips > self.config.max_nan_skips:
-            self.step = step - 1
-            self._mark("diverged")
-            raise TrainingDivergedError(f"{self.nan_skips} non-finite steps (more than max_nan_skips="
-                                        f"{self.config.max_nan_skips}), the last at {where}", hint=last)
 
     def _mark(self, status: str) -> None:
         if self.run_dir is not None and self.is_main:
@@ -399,11 +373,8 @@ class Trainer:
         if self.val_pairs is not None and (self.epoch % every == 0 or self.epoch == self.config.epochs):
             result = self._validate()
             row["val_accuracy"] = result["accuracy"]
-            spread = result.get("embedding_spread")
-            if spread is not None and spread < 0.01 and self.is_main:
-                log.warning(f"epoch {self.epoch}: validation embeddings are nearly identical for every image "
-                            f"(spread {spread:.2g}): the model's BatchNorm running statistics have not converged "
-                            "or it collapsed; train more steps (a smaller batch_size or more epochs)")
+            if self.is_main:
+                warn_if_collapsed(result, self.epoch)
             improved = self.best_accuracy is None or result["accuracy"] > self.best_accuracy
             if improved:
                 self.best_accuracy = result["accuracy"]

@@ -47,3 +47,14 @@ def verify_pairs(model: torch.nn.Module, pairs, *, mean: float, std: float, devi
         return result
     finally:
         model.train(was_training)
+
+
+def warn_if_collapsed(result: dict, epoch: int) -> None:
+    """A warning when every validation image maps to nearly the same embedding."""
+    from shrinkcli import log
+
+    spread = result.get("embedding_spread")
+    if spread is not None and spread < 0.01:
+        log.warning(f"epoch {epoch}: validation embeddings are nearly identical for every image "
+                    f"(spread {spread:.2g}): the model's BatchNorm running statistics have not converged "
+                    "or it collapsed; train more steps (a smaller batch_size or more epochs)")
