@@ -59,6 +59,17 @@ def test_embed_of_nan_weights_is_exit_1(tmp_path):
     assert "non-finite embeddings" in _last_line(result)
 
 
+def test_compare_with_nan_weights_is_exit_1_and_its_json_is_strict(tmp_path):
+    good = _weights(tmp_path / "good.safetensors")
+    bad = _weights(tmp_path / "nan.safetensors", nan=True)
+    result = runner.invoke(app, ["--json", "compare", "--a", str(good), "--b", str(bad),
+                                 "--pairs", "pairs:40@synthetic:8:4:1", "--bootstrap", "50"])
+    assert result.exit_code == 1, result.output
+    assert "non-finite embeddings" in _last_line(result)
+    if result.stdout.strip():
+        json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} in --json output"))
+
+
 @pytest.mark.parametrize("preprocess, needle", [
     ({**PREPROCESS, "mean": "x"}, "mean = 'x' is not a finite number"),
     ({**PREPROCESS, "std": 0}, "std is 0"),
