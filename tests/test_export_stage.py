@@ -84,6 +84,10 @@ def test_export_all_variants_with_manifest(weights, tmp_path):
     assert manifest["results"]["quantization"] == {"method": "static-qdq", "calibration_images": 16, "fp32_nodes": 3}
     sizes = manifest["results"]["sizes_bytes"]
     assert sizes["model-fp16.onnx"] < sizes["model.onnx"] and sizes["model-int8.onnx"] < sizes["model.onnx"]
+    for name in ("model.ncnn.param", "model.xml"):          # a .param/.xml counts the .bin it needs
+        if name in sizes:
+            parts = (out / name).stat().st_size + (out / name).with_suffix(".bin").stat().st_size
+            assert sizes[name] == parts, (name, sizes[name], parts)
     assert not list(out.glob("*.data"))
     meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
     assert meta["source_sha256"] == source["sha256"] and meta["embedding_size"] == "64"

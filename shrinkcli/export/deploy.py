@@ -32,6 +32,14 @@ FILES = {
 SUFFIX_RUNTIME = {".param": "ncnn", ".xml": "openvino", ".tflite": "tflite"}
 
 
+def deployed_bytes(path: str | Path) -> int:
+    """Bytes a device needs for this model: an ncnn .param or OpenVINO .xml counts its .bin too."""
+    path = Path(path)
+    runtime = SUFFIX_RUNTIME.get(path.suffix.lower())
+    files = module(runtime).companion_files(path) if runtime in ("ncnn", "openvino") else [path]
+    return sum(f.stat().st_size for f in files if f.exists())
+
+
 def available(runtime: str, *, to_write: bool = False) -> bool:
     needed = (_REQUIRES_TO_WRITE if to_write else _REQUIRES).get(runtime, _REQUIRES[runtime])
     return all(importlib.util.find_spec(name) is not None for name in needed)

@@ -207,7 +207,9 @@ def _export(model, meta, source: Artifact, config: ExportConfig, spec, out: RunD
         written.update(_write_runtimes(runtimes, model, meta, source, config, spec, out, results))
     if config.format in ("safetensors", "all"):
         written["safetensors"], results["safetensors_roundtrip"] = _write_safetensors(model, meta, source, out)
-    results["sizes_bytes"] = {path.name: path.stat().st_size for path in written.values()}
+    from shrinkcli.export.deploy import deployed_bytes
+
+    results["sizes_bytes"] = {path.name: deployed_bytes(path) for path in written.values()}
     out.set_results(**results)
     failed = [v for v, r in (results["parity"] if isinstance(results.get("parity"), dict) else {}).items()
               if not r["passed"]]
@@ -224,6 +226,8 @@ def _export(model, meta, source: Artifact, config: ExportConfig, spec, out: RunD
 
 
 def _report(results: dict[str, Any], written: dict[str, Path], out: RunDir) -> dict[str, Any]:
+    from shrinkcli.export.deploy import deployed_bytes
+
     parity = results.get("parity") if isinstance(results.get("parity"), dict) else {}
     rows = []
     for kind, path in written.items():
@@ -234,7 +238,7 @@ def _report(results: dict[str, Any], written: dict[str, Path], out: RunDir) -> d
             verdict = "pass" if check["passed"] else "FAIL"
         else:
             verdict = "skipped"
-        rows.append({"file": path.name, "kind": kind, "size_mb": round(path.stat().st_size / 2**20, 3),
+        rows.append({"file": path.name, "kind": kind, "size_mb": round(deployed_bytes(path) / 2**20, 3),
                      "min_cosine": check.get("min_cosine", ""), "mean_cosine": check.get("mean_cosine", ""),
                      "max_abs_diff": check.get("max_abs_diff", ""), "check": verdict})
     summary = {"run_dir": str(out.path), "source": results["source"], "arch": results["arch"]}
