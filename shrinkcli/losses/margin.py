@@ -114,6 +114,10 @@ class MarginHead(nn.Module):
         self.flush_rows()    # a state dict always holds the full matrix
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.flush_rows()    # loads into the full matrix, never into a step's sampled rows
+        super()._load_from_state_dict(*args, **kwargs)
+
     def flush_rows(self) -> None:
         """Write the last step's rows and their optimizer state back into the full matrix."""
         if self._full is None:
