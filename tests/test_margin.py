@@ -174,3 +174,18 @@ def test_bf16_autocast_inputs_still_compute_margins_in_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, _ = head.logits(emb.bfloat16(), torch.tensor([0, 1, 2]))
     assert logits.dtype == torch.float32
+
+
+def test_a_state_dict_taken_or_loaded_mid_training_is_the_full_matrix():
+    head = MarginHead(8, 50, sample_rate=0.2)
+    optimizer = torch.optim.SGD([head.weight], lr=0.1, momentum=0.9)
+    head.bind_optimizer(optimizer)
+    head(torch.randn(4, 8), torch.tensor([1, 2, 3, 4])).backward()
+    optimizer.step()
+    assert head.weight.shape == (10, 8)                 # between steps: this step's sampled rows
+    saved = {k: v.clone() for k, v in head.state_dict().items()}
+    assert saved["weight"].shape == (50, 8) and head.weight.shape == (50, 8)
+    head(torch.randn(4, 8), torch.tensor([5, 6, 7, 8])).backward()
+    optimizer.step()
+    head.load_state_dict(saved)
+    assert torch.equal(head.weight.detach(), saved["weight"])
