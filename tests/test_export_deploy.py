@@ -12,7 +12,8 @@ import torch
 from shrinkcli.config import ExportConfig
 from shrinkcli.errors import BadInputError, GateFailedError
 from shrinkcli.export import deploy
-from shrinkcli.export.check import parity, generated_pixels
+from shrinkcli.evaluate.images import generated_pixels
+from shrinkcli.evaluate.parity import parity
 from shrinkcli.models.io import save_model_safetensors
 from shrinkcli.models.registry import create_model
 from shrinkcli.rundir import RunOptions

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from _helpers import calibrated_model
-from shrinkcli.export.check import generated_pixels, parity_check, torch_embeddings
+from shrinkcli.evaluate.images import generated_pixels
+from shrinkcli.export.check import parity_check, torch_embeddings
 from shrinkcli.export.onnx_export import GraphSpec, export_onnx
 from shrinkcli.models.registry import list_models
 

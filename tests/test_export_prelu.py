@@ -13,7 +13,7 @@ from torch import nn
 
 from _helpers import calibrated_model
 from shrinkcli.errors import BadInputError
-from shrinkcli.export.check import generated_pixels
+from shrinkcli.evaluate.images import generated_pixels
 from shrinkcli.export.onnx_export import GraphSpec, export_onnx, read_metadata, to_onnx_proto
 from shrinkcli.export.prelu import rewrite_prelu
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from _helpers import calibrated_model
-from shrinkcli.export.check import (parity, generated_pixels, onnx_embeddings, parity_check,
-                                    torch_embeddings)
+from shrinkcli.evaluate.images import generated_pixels
+from shrinkcli.evaluate.parity import parity
+from shrinkcli.export.check import onnx_embeddings, parity_check, torch_embeddings
 from shrinkcli.errors import BadInputError
 from shrinkcli.export.fp16 import convert_fp16
 from shrinkcli.export.onnx_export import GraphSpec, export_onnx, read_metadata

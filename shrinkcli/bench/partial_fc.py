@@ -150,7 +150,6 @@ def _child(settings: dict[str, Any], out: str) -> None:
             if index >= settings["warmup"]:
                 times.append(time.perf_counter() - started)
         times.sort()
-        head.flush_rows()
         weight = head.weight
         moments = sum(v.numel() for v in optimizer.state[weight].values() if torch.is_tensor(v) and v.ndim)
         gradient = weight.numel() if update == "dense" else 0   # sparse: only k x D, freed each step

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from shrinkcli.errors import BadInputError
-from shrinkcli.evaluate.images import generated_pixels
-from shrinkcli.evaluate.parity import MIN_COSINE, gate, parity
+from shrinkcli.evaluate.parity import gate
 from shrinkcli.export.onnx_export import INPUT_NAME, GraphSpec
 
 def load_pixels(data_spec: str, count: int, *, input_size: int, crop: int | None = None) -> np.ndarray:
@@ -69,7 +68,3 @@ def parity_check(model, onnx_path: str | Path, spec: GraphSpec, pixels: np.ndarr
     if reference is None:
         reference = torch_embeddings(model, spec, pixels)
     return gate(reference, onnx_embeddings(onnx_path, spec, pixels), variant, min_cosine)
-
-
-__all__ = ["MIN_COSINE", "generated_pixels", "load_pixels", "onnx_embeddings", "onnx_session", "parity",
-           "parity_check", "torch_embeddings"]

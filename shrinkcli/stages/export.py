@@ -74,7 +74,8 @@ def _runtimes(config: ExportConfig) -> list[str]:
 
 
 def _parity_pixels(config: ExportConfig, spec, crop: int | None):
-    from shrinkcli.export.check import generated_pixels, load_pixels
+    from shrinkcli.evaluate.images import generated_pixels
+    from shrinkcli.export.check import load_pixels
 
     source = config.check_data or config.calib_data
     if source:
@@ -226,8 +227,6 @@ def _export(model, meta, source: Artifact, config: ExportConfig, spec, out: RunD
 
 
 def _report(results: dict[str, Any], written: dict[str, Path], out: RunDir) -> dict[str, Any]:
-    from shrinkcli.export.deploy import deployed_bytes
-
     parity = results.get("parity") if isinstance(results.get("parity"), dict) else {}
     rows = []
     for kind, path in written.items():
@@ -238,7 +237,7 @@ def _report(results: dict[str, Any], written: dict[str, Path], out: RunDir) -> d
             verdict = "pass" if check["passed"] else "FAIL"
         else:
             verdict = "skipped"
-        rows.append({"file": path.name, "kind": kind, "size_mb": round(deployed_bytes(path) / 2**20, 3),
+        rows.append({"file": path.name, "kind": kind, "size_mb": round(results["sizes_bytes"][path.name] / 2**20, 3),
                      "min_cosine": check.get("min_cosine", ""), "mean_cosine": check.get("mean_cosine", ""),
                      "max_abs_diff": check.get("max_abs_diff", ""), "check": verdict})
     summary = {"run_dir": str(out.path), "source": results["source"], "arch": results["arch"]}
@@ -252,7 +251,8 @@ def _write_runtimes(runtimes, model, meta, source: Artifact, config: ExportConfi
                     results: dict[str, Any]) -> dict[str, Path]:
     """ncnn / OpenVINO / TFLite files, each gated in its own runtime (shrinkcli.export.deploy)."""
     from shrinkcli.export import deploy
-    from shrinkcli.export.check import generated_pixels, load_pixels, torch_embeddings
+    from shrinkcli.evaluate.images import generated_pixels
+    from shrinkcli.export.check import load_pixels, torch_embeddings
 
     crop = (meta.get("preprocess") or {}).get("crop")
     extra = {"source_file": Path(source.path).name, "source_sha256": source.sha256}
