@@ -10,7 +10,7 @@ def test_quick_partialfc_part_times_both_world_sizes_and_halves_the_head_per_ran
     assert memory["ratio"] == 0.5 and memory["pass"] == "pass"          # 5,000 of 10,000 rows per rank
     assert 9.7 < memory["b_value"] < 9.8        # sparse update: centres + momentum, 10k x 128 x 2 float32
     for world in (1, 2):
-        step = rows[f"partialfc: step at 10,000 / 1,000 classes, {world} rank(s)"]
+        step = rows[f"partialfc: step at 10,000 / 1,000 classes, {world} rank(s), r18 width 0.125"]
         assert step["settings"].startswith("ok;") and step["a_value"] > 0 and step["b_value"] > 0
         assert step["target"] == "<= 2" and step["pass"] in ("pass", "FAIL")
         assert rows[f"partialfc: sparse / dense update at 10,000 classes, {world} rank(s)"]["ratio"] > 0

@@ -3,11 +3,12 @@
 One child process per world size runs every class count in increasing order: 1 process directly,
 2 processes under `torchrun` (gloo, the sharded head of shrinkcli.losses.partial_fc). A step is what
 the Trainer does: backbone forward (DDP at 2 ranks), margin head at sample rate 0.1, backward, SGD
-with momentum and weight decay, each class count twice: with the row-sparse head update (the
-default, `head_update = "sparse"`) and with the dense one; its time is the median over timed steps
-after warm-up, the slowest rank's. Head memory per rank is counted from the tensors (centres +
-momentum, + the dense gradient in dense mode, float32);
-peak RSS is the process's high-water mark after that class count (counts run in increasing order,
+with momentum and weight decay, each class count twice on an r18 at 1/8 width: with the row-sparse
+head update (the default, `head_update = "sparse"`) and with the dense one; then the smallest and
+largest count again on the full-width r18 (sparse), whose backbone weighs what a real one does
+against the head; its time is the median over timed steps after warm-up, the slowest rank's. Head
+memory per rank is counted from the tensors (centres + momentum, + the dense gradient in dense
+mode, float32); peak RSS is the process's high-water mark after that class count (counts run in increasing order,
 so each is dominated by its own).
 """
 
@@ -30,10 +31,20 @@ INPUT = 32
 SAMPLE_RATE = 0.1
 
 
+# The toy width makes the backbone so cheap that the head's sampled work dominates the step; the
+# full-width r18 (the field's smallest IResNet) shows the regime PartialFC is meant for.
+TOY_WIDTH, FULL_WIDTH = 0.125, 1.0
+
+
 def _settings(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"classes": [1_000, 10_000], "steps": 2, "warmup": 1, "batch": 16}
-    return {"classes": [10_000, 100_000, 1_000_000], "steps": 8, "warmup": 2, "batch": 64}
+        classes = [1_000, 10_000]
+        cases = [[TOY_WIDTH, c, u] for c in classes for u in ("sparse", "dense")]
+        return {"classes": classes, "cases": cases, "steps": 2, "warmup": 1, "batch": 16}
+    classes = [10_000, 100_000, 1_000_000]
+    cases = [[TOY_WIDTH, c, u] for c in classes for u in ("sparse", "dense")]
+    cases += [[FULL_WIDTH, c, "sparse"] for c in (classes[0], classes[-1])]
+    return {"classes": classes, "cases": cases, "steps": 8, "warmup": 2, "batch": 64}
 
 
 def _launch(world: int, settings: dict[str, Any], out: Path) -> tuple[int, str]:
@@ -61,36 +72,40 @@ def run_part(quick: bool) -> list[dict[str, Any]]:
             code, why = _launch(world, settings, out)
             status[world] = "ok" if code == 0 else f"exit {code}: {why}"
             results[world] = _read(out, world) if code == 0 else []
-    about = (f"r18 width 0.125, {INPUT} px, embedding {EMBEDDING}, global batch {settings['batch']}, sample rate "
+    about = (f"{INPUT} px, embedding {EMBEDDING}, global batch {settings['batch']}, sample rate "
              f"{SAMPLE_RATE}, SGD momentum 0.9, median of {settings['steps']} steps after {settings['warmup']}, gloo CPU")
     small, large = classes[0], classes[-1]
     rows: list[dict[str, Any]] = []
     nan = float("nan")
 
-    def entry(rank: list[dict[str, Any]], count: int, update: str) -> dict[str, Any]:
-        return next(e for e in rank if e["classes"] == count and e["update"] == update)
+    widths = sorted({width for width, _, _ in settings["cases"]}, reverse=True)
 
-    def step(world: int, count: int, update: str = "sparse") -> float:
+    def entry(rank: list[dict[str, Any]], count: int, update: str, width: float) -> dict[str, Any]:
+        return next(e for e in rank if e["classes"] == count and e["update"] == update and e["width"] == width)
+
+    def step(world: int, count: int, update: str = "sparse", width: float = TOY_WIDTH) -> float:
         if not results[world]:
             return nan
-        return max(entry(rank, count, update)["step_s"] for rank in results[world]) * 1000
+        return max(entry(rank, count, update, width)["step_s"] for rank in results[world]) * 1000
 
     def head_mib(world: int, count: int, update: str = "sparse") -> float:
         if not results[world]:
             return nan
-        return max(entry(rank, count, update)["head_bytes"] for rank in results[world]) / 2**20
+        return max(entry(rank, count, update, TOY_WIDTH)["head_bytes"] for rank in results[world]) / 2**20
 
     for world in (1, 2):
-        a, b = step(world, large), step(world, small)
-        rows.append(ratio_row(SUITE, f"partialfc: step at {large:,} / {small:,} classes, {world} rank(s)",
-                              a=f"{large:,} ms", a_value=a, b=f"{small:,} ms", b_value=b, unit="ms",
-                              ratio=a / b if b else nan, target=2.0, higher_is_better=False,
-                              settings=f"{status[world]}; sparse update; {about}"))
+        for width in widths:
+            a, b = step(world, large, width=width), step(world, small, width=width)
+            rows.append(ratio_row(SUITE, f"partialfc: step at {large:,} / {small:,} classes, {world} rank(s), "
+                                  f"r18 width {width:g}", a=f"{large:,} ms", a_value=a, b=f"{small:,} ms",
+                                  b_value=b, unit="ms", ratio=a / b if b else nan, target=2.0,
+                                  higher_is_better=False,
+                                  settings=f"{status[world]}; sparse update; r18 width {width:g}, {about}"))
         a, b = step(world, large, "sparse"), step(world, large, "dense")
         rows.append(ratio_row(SUITE, f"partialfc: sparse / dense update at {large:,} classes, {world} rank(s)",
                               a="sparse ms", a_value=a, b="dense ms", b_value=b, unit="ms",
                               ratio=a / b if b else nan, target=None, higher_is_better=False,
-                              settings=f"{status[world]}; {about}"))
+                              settings=f"{status[world]}; r18 width {TOY_WIDTH:g}, {about}"))
     a, b = head_mib(2, large), head_mib(1, large)
     rows.append(ratio_row(SUITE, f"partialfc: head memory per rank at {large:,} classes, 2 / 1 ranks",
                           a="2 ranks MiB", a_value=a, b="1 rank MiB", b_value=b, unit="MiB",
@@ -99,16 +114,18 @@ def run_part(quick: bool) -> list[dict[str, Any]]:
     for world in (1, 2):
         for update in ("sparse", "dense"):
             for count in classes:
-                rss = max((entry(rank, count, update)["rss_mib"] for rank in results[world]), default=nan)
+                rss = max((entry(rank, count, update, TOY_WIDTH)["rss_mib"] for rank in results[world]),
+                          default=nan)
                 rows.append(info_row(SUITE, f"partialfc: {count:,} classes, {world} rank(s), {update} update",
                                      a="step ms", a_value=step(world, count, update), b="peak RSS MiB per rank",
                                      b_value=rss, unit="ms", settings=f"{status[world]}; head "
-                                     f"{head_mib(world, count, update):.1f} MiB per rank; {about}"))
+                                     f"{head_mib(world, count, update):.1f} MiB per rank; "
+                                     f"r18 width {TOY_WIDTH:g}, {about}"))
     return rows
 
 
 def _child(settings: dict[str, Any], out: str) -> None:
-    """The measured process (one rank): every class count in increasing order, sparse then dense."""
+    """The measured process (one rank): every case (backbone width, class count, head update) in order."""
     import gc
     import resource
 
@@ -124,9 +141,9 @@ def _child(settings: dict[str, Any], out: str) -> None:
     info = init_distributed("cpu")
     local = settings["batch"] // info.world_size
     report = []
-    for count, update in [(c, u) for c in settings["classes"] for u in ("sparse", "dense")]:
+    for width, count, update in settings["cases"]:
         torch.manual_seed(0)
-        backbone = create_model("r18", embedding_size=EMBEDDING, input_size=INPUT, width=0.125)
+        backbone = create_model("r18", embedding_size=EMBEDDING, input_size=INPUT, width=width)
         head = margin_head(EMBEDDING, count, sample_rate=SAMPLE_RATE)
         task = MarginTask(backbone.train(), head.train())
         if info.enabled:
@@ -153,7 +170,7 @@ def _child(settings: dict[str, Any], out: str) -> None:
         weight = head.weight
         moments = sum(v.numel() for v in optimizer.state[weight].values() if torch.is_tensor(v) and v.ndim)
         gradient = weight.numel() if update == "dense" else 0   # sparse: only k x D, freed each step
-        report.append({"classes": count, "update": update, "rows": int(weight.shape[0]),
+        report.append({"width": width, "classes": count, "update": update, "rows": int(weight.shape[0]),
                        "step_s": times[len(times) // 2],
                        "head_bytes": (weight.numel() + gradient + moments) * weight.element_size(),
                        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
