@@ -8,8 +8,8 @@ head update (the default, `head_update = "sparse"`) and with the dense one; then
 largest count again on the full-width r18 (sparse), whose backbone weighs what a real one does
 against the head; its time is the median over timed steps after warm-up, the slowest rank's. Head
 memory per rank is counted from the tensors (centres + momentum, + the dense gradient in dense
-mode, float32); peak RSS is the process's high-water mark after that class count (counts run in increasing order,
-so each is dominated by its own).
+mode, float32); peak RSS is the process's high-water mark after that class count (counts run in
+increasing order, so each is dominated by its own).
 """
 
 from __future__ import annotations
@@ -37,12 +37,10 @@ TOY_WIDTH, FULL_WIDTH = 0.125, 1.0
 
 
 def _settings(quick: bool) -> dict[str, Any]:
-    if quick:
-        classes = [1_000, 10_000]
-        cases = [[TOY_WIDTH, c, u] for c in classes for u in ("sparse", "dense")]
-        return {"classes": classes, "cases": cases, "steps": 2, "warmup": 1, "batch": 16}
-    classes = [10_000, 100_000, 1_000_000]
+    classes = [1_000, 10_000] if quick else [10_000, 100_000, 1_000_000]
     cases = [[TOY_WIDTH, c, u] for c in classes for u in ("sparse", "dense")]
+    if quick:
+        return {"classes": classes, "cases": cases, "steps": 2, "warmup": 1, "batch": 16}
     cases += [[FULL_WIDTH, c, "sparse"] for c in (classes[0], classes[-1])]
     return {"classes": classes, "cases": cases, "steps": 8, "warmup": 2, "batch": 64}
 
