@@ -144,7 +144,8 @@ def _run(fn: Callable[[], dict[str, Any]]) -> None:
 
 def _build_config(stage: str, recipe: Optional[Path], options: dict[str, Any], overrides: Optional[List[str]]):
     """Recipe table (if any) < explicit options < --set overrides, validated once."""
-    from shrinkcli.config import STAGE_CONFIGS, load_recipe, parse_overrides, stage_config_from_recipe
+    from shrinkcli.config import STAGE_CONFIGS, load_recipe, stage_config_from_recipe
+    from shrinkcli.fields import parse_overrides
 
     if recipe is not None:
         config = stage_config_from_recipe(load_recipe(recipe), stage, str(recipe))  # fields: source "recipe"

@@ -13,7 +13,8 @@ import typer.testing
 from typer.testing import CliRunner
 
 from shrinkcli.cli import app
-from shrinkcli.config import STAGE_CONFIGS, check_bounds, coerce
+from shrinkcli.config import STAGE_CONFIGS
+from shrinkcli.fields import check_bounds, coerce
 from shrinkcli.errors import BadInputError
 
 runner = CliRunner()
