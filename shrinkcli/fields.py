@@ -34,12 +34,11 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         choices = [a for a in args if a is not type(None)]
         if len(choices) == 1:               # Optional[X]: X's own message says what is wrong
             return coerce(value, choices[0], where)
-        errors = []
-        for arg in choices:
+        for arg in choices:             # the first that accepts the value wins; the message names them all
             try:
                 return coerce(value, arg, where)
-            except BadInputError as exc:
-                errors.append(str(exc))
+            except BadInputError:
+                pass
         raise BadInputError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
         if value in args:
